@@ -1,0 +1,144 @@
+"""Counting the trainable-parameter budget from the architecture and the adapter config, before any weights load.
+
+The figure is computed from module shapes (the model is built on the meta device) and peft's own rules for
+which modules an adapter reaches, so `lorafit budget` needs no download and no memory. Tests check that it
+equals the `requires_grad` count of the wrapped model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .config import Config
+from .errors import BudgetExceeded, LorafitError
+from .models import HEAD_MODULE_NAMES, build_model, peft_config
+
+
+@dataclass
+class Budget:
+    model: str
+    parts: dict[str, int]                      # lora_A, lora_B, dora_magnitude, head, bias
+    per_module: dict[str, dict[str, int]]      # module name suffix -> {modules, params}
+    total: int
+    max_trainable: int
+    base_total: int = 0                       # all parameters of the base model with its head
+    head_modules: list[str] = field(default_factory=list)
+
+    @property
+    def margin(self) -> int:
+        return self.max_trainable - self.total
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"margin": self.margin}
+
+    def table(self) -> str:
+        lines = [f"trainable parameters for {self.model}"]
+        width = max(len(k) for k in list(self.parts) + list(self.per_module) + ["total"]) + 4
+        lines.append("  by part:")
+        for k, v in self.parts.items():
+            lines.append(f"    {k:<{width}}{v:>12,}")
+        lines.append("  by module type (adapted modules, their adapter parameters):")
+        for k, v in self.per_module.items():
+            lines.append(f"    {k:<{width}}{v['params']:>12,}  in {v['modules']} modules")
+        if self.head_modules:
+            lines.append(f"  head modules (train fully): {', '.join(self.head_modules)}")
+        lines.append(f"  {'total':<{width + 2}}{self.total:>12,}  ({100 * self.total / max(self.base_total, 1):.2f}% of {self.base_total:,})")
+        word = "margin" if self.margin >= 0 else "OVER BUDGET by"
+        lines.append(f"  {'budget':<{width + 2}}{self.max_trainable:>12,}  {word} {abs(self.margin):,}")
+        return "\n".join(lines)
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """Module names peft wraps with ModulesToSaveWrapper for SEQ_CLS (name ends with classifier/score)."""
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(h) for h in HEAD_MODULE_NAMES)]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
+    """The Linear modules the adapter will wrap, by peft's matching rules; a clear error for unknown targets."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    pcfg = peft_config(cfg.lora, model)
+    pcfg.modules_to_save = list(HEAD_MODULE_NAMES)
+    pcfg = _maybe_include_all_linear_layers(pcfg, model)
+    linears = _linear_modules(model)
+    matched = {}
+    for name, module in model.named_modules():
+        hit = check_target_module_exists(pcfg, name)
+        if hit and type(hit).__name__ != "_ExcludedModule":
+            if not isinstance(module, nn.Linear):
+                raise LorafitError(f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only")
+            matched[name] = module
+    heads = _head_modules(model)
+    available = sorted({n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)})
+    targets = cfg.lora.target_modules
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+        if missing:
+            raise LorafitError(f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those")
+    if not matched:
+        raise LorafitError(f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}")
+    return matched
+
+
+def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Budget:
+    """Trainable parameters of cfg's adapter on cfg's model, by part and by module type.
+
+    `model` may be given (unwrapped, any device); otherwise a weightless skeleton is built.
+    """
+    if model is None:
+        model = build_model(cfg, num_labels, weights=False)
+    lora = cfg.lora
+    matched = matched_modules(model, cfg)
+    from peft.utils.other import get_pattern_key
+
+    parts = {"lora_A": 0, "lora_B": 0, "dora_magnitude": 0, "head": 0, "bias": 0}
+    per_module: dict[str, dict[str, int]] = {}
+    for name, lin in matched.items():
+        r = lora.rank_pattern.get(get_pattern_key(lora.rank_pattern.keys(), name), lora.r)
+        a, b = r * lin.in_features, r * lin.out_features
+        m = lin.out_features if lora.use_dora else 0
+        parts["lora_A"] += a
+        parts["lora_B"] += b
+        parts["dora_magnitude"] += m
+        kind = re.sub(r"^.*?\.\d+\.", "", name)  # 'bert.encoder.layer.3.attention.self.query' -> 'attention.self.query'
+        entry = per_module.setdefault(kind, {"modules": 0, "params": 0})
+        entry["modules"] += 1
+        entry["params"] += a + b + m
+
+    heads = _head_modules(model)
+    in_head = lambda n: any(n == h or n.startswith(h + ".") for h in heads)  # noqa: E731
+    parts["head"] = sum(p.numel() for n, p in model.named_parameters() if in_head(n))
+    if lora.bias == "all":
+        parts["bias"] = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not in_head(n))
+    elif lora.bias == "lora_only":
+        parts["bias"] = sum(lin.bias.numel() for lin in matched.values() if lin.bias is not None)
+    base_total = sum(p.numel() for p in model.parameters())
+    return Budget(
+        model=cfg.model.name,
+        parts=parts,
+        per_module=per_module,
+        total=sum(parts.values()),
+        max_trainable=cfg.budget.max_trainable,
+        base_total=base_total,
+        head_modules=heads,
+    )
+
+
+def check(budget: Budget) -> None:
+    if budget.total > budget.max_trainable:
+        raise BudgetExceeded(
+            f"{budget.total:,} trainable parameters exceed budget.max_trainable={budget.max_trainable:,} by {-budget.margin:,}; "
+            "lower lora.r, adapt fewer modules (lora.target_modules, lora.layers_to_transform), use model.head=linear, or raise budget.max_trainable"
+        )
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

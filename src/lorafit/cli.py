@@ -1,0 +1,107 @@
+"""The `lorafit` command line. User errors print one line and exit non-zero; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import LorafitError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, help="YAML config file (default: the embedded default, builtin:minilm on builtin:ag_news_sample)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, value parsed as YAML (repeatable), e.g. --set lora.r=8 --set lora.target_modules=[query,value]")
+
+
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .runs import check_output, default_run_dir
+    from .train import run
+
+    cfg = load_config(a.config, a.overrides)
+    out = a.output or default_run_dir(cfg)
+    check_output(out, a.overwrite)
+    run(cfg, out)
+    return 0
+
+
+def cmd_budget(a) -> int:
+    import json
+
+    from . import budget
+    from .config import load_config
+    from .train import num_labels_for
+
+    cfg = load_config(a.config, a.overrides)
+    n = num_labels_for(cfg)
+    if n is None:
+        from .data import infer_label_names, read_table
+
+        n = len(infer_label_names(read_table(cfg.data.source), cfg.data))
+    b = budget.compute(cfg, n)
+    print(b.table())
+    if a.json:
+        a.json.write_text(json.dumps(b.to_dict(), indent=1))
+    budget.check(b)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import main as evaluate_main
+
+    evaluate_main(a.run, a.data, a.json, a.precision)
+    return 0
+
+
+def cmd_keys(a) -> int:
+    from .config import all_keys
+
+    for key, default, doc in all_keys():
+        print(f"{key} = {default!r}\n    {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="Budgeted LoRA fine-tuning of text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run from a config (default: the embedded MiniLM on the AG News sample)")
+    _config_args(p)
+    p.add_argument("-o", "--output", type=Path, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("budget", help="count trainable parameters by part without loading weights; exit 3 when over budget")
+    _config_args(p)
+    p.add_argument("--json", type=Path, help="also write the breakdown as JSON")
+    p.set_defaults(fn=cmd_budget)
+
+    p = sub.add_parser("eval", help="evaluate a saved run on a labelled file")
+    p.add_argument("run", type=Path, help="run folder written by `lorafit train`")
+    p.add_argument("--data", required=True, help="labelled .csv/.parquet/.jsonl file (or builtin:ag_news_sample_test)")
+    p.add_argument("--json", type=Path, help="write the metrics as JSON")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override the run's precision")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("keys", help="list every config key with its default and meaning")
+    p.set_defaults(fn=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except LorafitError as e:
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lorafit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The run configuration: one YAML file, validated into typed sections, overridable with `key=value`.
+
+Every field has a default (the embedded default run) and a description (shown by `lorafit keys`).
+Unknown keys and wrong types are errors; all problems of a file are reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import LorafitError
+
+PREPROCESS_STEPS = ("lowercase", "strip_punctuation", "remove_stopwords", "stem", "lemmatize")
+INIT_CHOICES = "default | gaussian | pissa | pissa_niter_N | olora"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("builtin:minilm", description="A local model folder, a Hugging Face hub id, or builtin:minilm (all-MiniLM-L6-v2, shipped offline).")
+    max_length: int = Field(128, gt=0, description="Texts are truncated to this many tokens.")
+    head: Literal["default", "linear"] = Field("default", description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models).")
+
+
+class DataConfig(Section):
+    source: str = Field("builtin:ag_news_sample", description="Training data: builtin:ag_news_sample, hub:NAME[:SPLIT], or a local .csv/.parquet/.jsonl file.")
+    text_columns: list[str] = Field(["text"], min_length=1, description="Columns joined with a space to form the text (e.g. [title, description]).")
+    label_column: str = Field("label", description="Column holding the class (an integer id or a name from label_names).")
+    label_names: list[str] | None = Field(None, description="Class names in id order; taken from the data when not given.")
+    val_fraction: float = Field(0.06, gt=0, lt=1, description="Stratified, seeded share of the training source held out for validation when val_source is not given.")
+    val_source: str | None = Field(None, description="Optional validation file (same columns); replaces val_fraction.")
+    test_source: str | None = Field(None, description="Optional test file, scored once at the end with the best checkpoint; never used for selection.")
+    max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (stratified, seeded), after the validation split.")
+    preprocess: list[Literal[PREPROCESS_STEPS]] = Field([], description="Text preprocessing, in this order: " + ", ".join(PREPROCESS_STEPS) + ".")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[list[str], str] = Field("all-linear", description="Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train: none, all, or those of adapted layers.")
+    use_dora: bool = Field(False, description="DoRA: adds a trainable magnitude vector per adapted layer.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    init: str = Field("default", description=f"Adapter initialisation: {INIT_CHOICES}.")
+    rank_pattern: dict[str, int] = Field({}, description="Per-module rank overrides, regex -> rank (e.g. {'layer\\.[45]\\..*': 8}).")
+    alpha_pattern: dict[str, float] = Field({}, description="Per-module alpha overrides, regex -> alpha.")
+    layers_to_transform: list[int] | None = Field(None, description="Adapt only these layer indices (needs target_modules as a list).")
+
+    @field_validator("init")
+    @classmethod
+    def _check_init(cls, v: str) -> str:
+        if v in ("default", "gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", v):
+            return v
+        raise ValueError(f"expected one of {INIT_CHOICES}")
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _check_ranks(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if r <= 0}
+        if bad:
+            raise ValueError(f"ranks must be positive, found {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "LoraConfig":
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform needs target_modules as a list of names (e.g. [query, value]), not a regex or all-linear")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field("val_loss", description="Metric that picks the best checkpoint and drives early stopping.")
+    patience: int = Field(3, ge=0, description="Stop after this many evaluations without improvement; 0 turns early stopping off.")
+    threshold: float = Field(0.01, ge=0, description="An evaluation improves only when it beats the best by more than this (absolute).")
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(32, gt=0, description="Training examples per step and device.")
+    eval_batch_size: int = Field(128, gt=0, description="Examples per evaluation batch.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    scheduler: Literal["cosine", "linear", "constant", "reduce_on_plateau"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the optimizer steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns clipping off.")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    eval_every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on validation every epoch or every N optimizer steps.")
+    seed: int = Field(42, description="Seed for the split, the initialisation and the data order.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.")
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
+
+    @field_validator("eval_every")
+    @classmethod
+    def _check_eval_every(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("expected 'epoch' or a positive number of steps")
+        return v
+
+
+class BudgetConfig(Section):
+    max_trainable: int = Field(1_000_000, gt=0, description="Hard limit on trainable parameters (adapters, DoRA magnitudes, head, biases).")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading, overriding and error reporting
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, prefix + name + ".")
+    return keys
+
+
+def all_keys() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every leaf field: the config reference."""
+    out = []
+
+    def walk(model: type[BaseModel], inst: BaseModel, prefix: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, getattr(inst, name), prefix + name + ".")
+            else:
+                out.append((prefix + name, getattr(inst, name), field.description or ""))
+
+    walk(Config, Config(), "")
+    return out
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "literal[")))
+    # pydantic reports union members as extra loc parts (e.g. 'list[str]'); keep only the user's key path
+    loc = ".".join(p for p in loc.split(".") if p and not re.match(r"^(list|str|int|float|dict|bool)\b", p))
+    if err["type"] == "extra_forbidden":
+        parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+        candidates = [k for k in _valid_keys(Config) if k.rsplit(".", 1)[0] == parent or "." not in k and not parent]
+        near = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else "valid keys here: " + ", ".join(k.rsplit(".", 1)[-1] for k in candidates)
+        return f"unknown key '{loc}' ({hint})"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: got {value!r}: {msg}"
+
+
+def validate(data: dict, origin: str) -> Config:
+    """Validate a nested dict into a Config; raise one LorafitError listing every problem."""
+    if not isinstance(data, dict):
+        raise LorafitError(f"{origin}: expected a mapping of sections (model, data, lora, train, budget), found {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        seen, problems = set(), []
+        for err in e.errors():
+            text = _describe(err)
+            if text not in seen:
+                seen.add(text)
+                problems.append(text)
+        raise LorafitError(f"{origin}: {len(problems)} problem(s): " + "; ".join(problems) + " (see `lorafit keys` for every key)") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'lora.r=8' -> (['lora', 'r'], 8); the value is parsed as YAML."""
+    if "=" not in item:
+        raise LorafitError(f"--set {item!r}: expected KEY=VALUE (e.g. --set lora.r=8)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise LorafitError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise LorafitError(f"--set {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"config file {path} not found: expected a YAML file (see configs/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LorafitError(f"{path}: not UTF-8 text; expected a YAML config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LorafitError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}; fix the file's indentation or quoting") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the embedded default when path is None) and apply key=value overrides."""
+    data = read_yaml(path) if path else {}
+    origin = str(path) if path else "default config"
+    if not isinstance(data, dict):
+        raise LorafitError(f"{origin}: expected a mapping of sections (model, data, lora, train, budget), found {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    return validate(data, origin + (" with --set overrides" if overrides else ""))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

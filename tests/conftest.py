@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random BERT saved like a hub model (MiniLM's tokenizer), small data files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_tiny_model(folder: Path, model_type: str = "bert") -> Path:
+    """A 2-layer, 32-wide random encoder of the given type, saved with the MiniLM tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from lorafit.models import builtin_model_dir
+
+    tok = AutoTokenizer.from_pretrained(builtin_model_dir())
+    common = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id)
+    if model_type == "distilbert":
+        cfg = AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=256, **common)
+    else:
+        extra = {"max_position_embeddings": 260, "type_vocab_size": 1} if model_type == "roberta" else {"max_position_embeddings": 256}
+        cfg = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **extra, **common)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def ag_sample() -> pd.DataFrame:
+    from lorafit.data import builtin_path
+
+    return pd.read_parquet(builtin_path("builtin:ag_news_sample"))
+
+
+@pytest.fixture()
+def small_csv(tmp_path, ag_sample) -> Path:
+    """240 AG News rows as CSV with title/description-like columns split from the text."""
+    df = ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True)
+    path = tmp_path / "small.csv"
+    df.to_csv(path, index=False)
+    return path
