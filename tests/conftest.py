@@ -51,3 +51,16 @@ def small_csv(tmp_path, ag_sample) -> Path:
     path = tmp_path / "small.csv"
     df.to_csv(path, index=False)
     return path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (real MiniLM, longer training); CI does")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import Config
 from .errors import BudgetExceeded, LorafitError
-from .models import HEAD_MODULE_NAMES, build_model, peft_config
+from .models import HEAD_MODULE_NAMES, build_model, head_modules, peft_config
 
 
 @dataclass
@@ -55,12 +55,6 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _head_modules(model: nn.Module) -> list[str]:
-    """Module names peft wraps with ModulesToSaveWrapper for SEQ_CLS (name ends with classifier/score)."""
-    names = [n for n, _ in model.named_modules() if n and any(n.endswith(h) for h in HEAD_MODULE_NAMES)]
-    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
-
-
 def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
     """The Linear modules the adapter will wrap, by peft's matching rules; a clear error for unknown targets."""
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
@@ -76,7 +70,7 @@ def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
             if not isinstance(module, nn.Linear):
                 raise LorafitError(f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only")
             matched[name] = module
-    heads = _head_modules(model)
+    heads = head_modules(model)
     available = sorted({n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)})
     targets = cfg.lora.target_modules
     if isinstance(targets, list):
@@ -113,7 +107,7 @@ def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
         entry["modules"] += 1
         entry["params"] += a + b + m
 
-    heads = _head_modules(model)
+    heads = head_modules(model)
     in_head = lambda n: any(n == h or n.startswith(h + ".") for h in heads)  # noqa: E731
     parts["head"] = sum(p.numel() for n, p in model.named_parameters() if in_head(n))
     if lora.bias == "all":

@@ -155,19 +155,75 @@ def all_keys() -> list[tuple[str, Any, str]]:
     return out
 
 
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "literal[")))
-    # pydantic reports union members as extra loc parts (e.g. 'list[str]'); keep only the user's key path
-    loc = ".".join(p for p in loc.split(".") if p and not re.match(r"^(list|str|int|float|dict|bool)\b", p))
-    if err["type"] == "extra_forbidden":
-        parent = loc.rsplit(".", 1)[0] if "." in loc else ""
-        candidates = [k for k in _valid_keys(Config) if k.rsplit(".", 1)[0] == parent or "." not in k and not parent]
-        near = difflib.get_close_matches(loc, candidates, n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else "valid keys here: " + ", ".join(k.rsplit(".", 1)[-1] for k in candidates)
-        return f"unknown key '{loc}' ({hint})"
-    value = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: got {value!r}: {msg}"
+# Names other tools use for our keys (Hugging Face Trainer, PEFT), matched before spelling similarity.
+_ALIASES = {
+    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio", "max_seq_length": "max_length",
+    "model_name": "name", "model_name_or_path": "name", "target": "target_modules", "modules": "target_modules",
+    "label": "label_column", "text": "text_columns", "text_column": "text_columns",
+}
+
+
+def _suggest(loc: str) -> str:
+    """'did you mean ...?' for an unknown dotted key, else the valid keys of its section."""
+    parent, _, leaf = loc.rpartition(".")
+    keys = _valid_keys(Config)
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    others = [k for k in keys if k not in siblings and k.count(".") >= 1]
+
+    def nearest(candidates: list[str], fuzzy: bool) -> str | None:
+        by_leaf = {}
+        for k in candidates:
+            by_leaf.setdefault(k.rpartition(".")[2], k)
+        name = leaf.lower()
+        name = _ALIASES.get(name, name)
+        if name in by_leaf or not fuzzy:
+            return by_leaf.get(name)
+        near = difflib.get_close_matches(name, list(by_leaf), n=1, cutoff=0.55)
+        return by_leaf[near[0]] if near else None
+
+    # the exact name (or alias) in this section, then in another one (lora.lr -> train.lr), then a close spelling
+    hit = nearest(siblings, False) or nearest(others, False) or nearest(siblings, True) or nearest(others, True)
+    if hit:
+        return f"did you mean '{hit}'?"
+    return "valid keys here: " + ", ".join(k.rpartition(".")[2] for k in siblings)
+
+
+def _user_loc(err: dict) -> str:
+    """The user's dotted key: pydantic adds union members (e.g. 'list[str]', 'function-after[...]') to loc."""
+    parts = [str(p) for p in err["loc"]]
+    if err["type"] == "extra_forbidden":  # the user's own (misspelt) key, kept whatever it is
+        return ".".join(parts)
+    return ".".join(p for p in parts if not re.match(r"^(function-|union\[|literal\[|(list|str|int|float|dict|bool)\b)", p))
+
+
+def _problems(errors: list[dict]) -> list[str]:
+    """One message per problem: union members failing on the same key and value become one message."""
+    sections = set(_valid_keys(Config)) - {key for key, _, _ in all_keys()}
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for err in errors:
+        grouped.setdefault((_user_loc(err), repr(err.get("input"))), []).append(err)
+    out = []
+    for (loc, _), errs in grouped.items():
+        err = errs[0]
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            out.append(f"unknown key '{loc}' ({_suggest(loc)})")
+            continue
+        if err["type"] == "model_type":
+            out.append(f"{loc}: got {value!r}: expected a section of key: value settings, not {type(value).__name__}")
+            continue
+        msgs = [e["msg"].removeprefix("Value error, ") for e in errs]
+        if len(msgs) > 1:  # e.g. 'Input should be a valid list' + 'Input should be a valid string'
+            kinds = [re.sub(r", (unable to|got a number) .*$", "", m).removeprefix("Input should be ") for m in msgs]
+            msgs = ["Input should be " + " or ".join(dict.fromkeys(kinds))]
+        if loc in sections or not loc:  # a check across a section's keys: the whole section is no useful "value"
+            out.append(f"{loc or 'config'}: {'; '.join(msgs)}")
+        else:
+            out.append(f"{loc}: got {value!r}: {'; '.join(msgs)}")
+    return list(dict.fromkeys(out))
 
 
 def validate(data: dict, origin: str) -> Config:
@@ -177,13 +233,21 @@ def validate(data: dict, origin: str) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        seen, problems = set(), []
-        for err in e.errors():
-            text = _describe(err)
-            if text not in seen:
-                seen.add(text)
-                problems.append(text)
+        problems = _problems(e.errors())
         raise LorafitError(f"{origin}: {len(problems)} problem(s): " + "; ".join(problems) + " (see `lorafit keys` for every key)") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 numbers: 1e-4 and 1e6 are floats (plain PyYAML reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -192,7 +256,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise LorafitError(f"--set {item!r}: expected KEY=VALUE (e.g. --set lora.r=8)")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise LorafitError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return key.strip().split("."), value
@@ -216,7 +280,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise LorafitError(f"config file {path} not found: expected a YAML file (see configs/ for examples)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise LorafitError(f"{path}: not UTF-8 text; expected a YAML config file") from None
     except yaml.YAMLError as e:

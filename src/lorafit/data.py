@@ -57,6 +57,8 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
     if source.startswith("hub:"):
         return _read_hub(source, role)
     path = Path(source)
+    if path.is_dir():
+        raise LorafitError(f"{role}: {source} is a folder; expected a .csv, .parquet or .jsonl file inside it")
     if not path.is_file():
         raise LorafitError(f"{role}: file {source} not found; expected a .csv, .parquet or .jsonl file, builtin:ag_news_sample or hub:NAME")
     suffix = path.suffix.lower()
@@ -71,14 +73,18 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
                 df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig", dtype=str, keep_default_na=False, na_values=[""], on_bad_lines="error")
             elif suffix == ".parquet":
                 df = pd.read_parquet(path)
-            else:
-                df = pd.read_json(path, lines=True, encoding="utf-8-sig", dtype=False)
+            else:  # JSON lines; a .json file may also hold one array of records
+                with open(path, "rb") as fh:
+                    array = suffix == ".json" and fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+                df = pd.read_json(path, lines=not array, encoding="utf-8-sig", dtype=False)
     except UnicodeDecodeError as e:
         raise LorafitError(f"{role}: {source} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise LorafitError(f"{role}: {source} has no columns; expected a header row and data") from None
     except pd.errors.ParserError as e:
         raise LorafitError(f"{role}: {source} could not be parsed as {suffix[1:]}: {str(e).strip().splitlines()[-1]}; check quoting and the number of fields per row") from None
+    except OSError as e:  # unreadable: permissions, I/O errors
+        raise LorafitError(f"{role}: {source} could not be read ({e.strerror or str(e).splitlines()[0]}); expected a readable {suffix[1:]} file") from None
     except ValueError as e:  # malformed JSON lines
         raise LorafitError(f"{role}: {source} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # pyarrow errors for broken parquet files

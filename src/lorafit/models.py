@@ -185,7 +185,27 @@ def peft_config(lora: LoraSection, model: nn.Module | None = None):
         alpha_pattern=dict(lora.alpha_pattern),
         layers_to_transform=lora.layers_to_transform,
         layers_pattern=_layers_pattern(model) if (model is not None and lora.layers_to_transform is not None) else None,
+        exclude_modules=_head_pattern(model) if model is not None else None,
     )
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The modules peft's SEQ_CLS task wraps with ModulesToSaveWrapper (they train fully), outermost only.
+
+    peft picks them by plain name suffix, so DistilBERT's `pre_classifier` is one besides `classifier`.
+    """
+    names = [n for n, _ in model.named_modules() if n and n.endswith(HEAD_MODULE_NAMES)]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def _head_pattern(model: nn.Module) -> str | None:
+    """A regex (peft's exclude_modules) for the head modules and everything inside them: no adapter on a module
+    that trains fully. peft itself only spares names equal to, or dot-ending in, classifier/score, so under
+    all-linear it would put LoRA on DistilBERT's pre_classifier and then fail to wrap it as a head module."""
+    import re
+
+    heads = head_modules(model)
+    return "(?:" + "|".join(re.escape(h) for h in heads) + r")(?:\..*)?" if heads else None
 
 
 def _layers_pattern(model: nn.Module) -> str | None:

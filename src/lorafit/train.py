@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,6 @@ class Setup:
     train_enc: Encoded
     val_enc: Encoded
     test_enc: Encoded | None
-    init_adapter_dir: str | None = None
 
 
 @dataclass
@@ -104,13 +101,6 @@ def setup(cfg: Config) -> Setup:
 
     torch.manual_seed(cfg.train.seed)
     model = wrap(build_model(cfg, len(data.label_names), data.label_names), cfg)
-    init_dir = None
-    if cfg.lora.init.startswith(("pissa", "olora")):
-        # PiSSA/OLoRA change the base weights; keep the initial adapter to convert the final one to plain LoRA
-        init_dir = tempfile.mkdtemp(prefix="lorafit-init-")
-        model.peft_config["default"].init_lora_weights = True
-        model.save_pretrained(init_dir)
-        model.peft_config["default"].init_lora_weights = cfg.lora.init
     counted = budget_mod.count_trainable(model)
     if counted != b.total:
         raise RuntimeError(f"budget mismatch: computed {b.total} but the wrapped model trains {counted} parameters")
@@ -121,7 +111,7 @@ def setup(cfg: Config) -> Setup:
         + f" rows, {len(data.label_names)} classes; device {device.type}, compute {str(dtype).replace('torch.', '')}, "
         f"{torch.get_num_threads()} threads; {counted:,} trainable parameters"
     )
-    return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc, init_dir)
+    return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc)
 
 
 class Schedule:
@@ -300,16 +290,17 @@ def final_metrics(s: Setup, res: Result) -> dict:
 
 
 def save(s: Setup, res: Result, folder: Path) -> None:
-    """Everything a run needs to be reloaded, evaluated and compared."""
+    """Everything a run needs to be reloaded, evaluated and compared.
+
+    The adapter is saved as trained. For PiSSA/OLoRA, which move part of the base weights into the adapter,
+    reloading re-runs the same deterministic initialisation on the base before loading these weights.
+    """
     save_config(s.cfg, folder / "config.yaml")
     (folder / "labels.json").write_text(json.dumps(s.data.label_names, indent=1))
     (folder / "budget.json").write_text(json.dumps(s.budget.to_dict(), indent=1))
     (folder / "metrics.json").write_text(json.dumps(res.metrics, indent=1))
-    kwargs = {"path_initial_model_for_weight_conversion": s.init_adapter_dir} if s.init_adapter_dir else {}
-    s.model.save_pretrained(folder / "adapter", **kwargs)
+    s.model.save_pretrained(folder / "adapter")
     s.tokenizer.save_pretrained(folder / "tokenizer")
-    if s.init_adapter_dir:
-        shutil.rmtree(s.init_adapter_dir, ignore_errors=True)
 
 
 def summary_line(res: Result, folder: Path) -> str:
@@ -326,9 +317,9 @@ def run(cfg: Config, out: Path) -> Result:
     """Train cfg into the run folder `out`, written under a temporary name and renamed when complete."""
     from .runs import partial_folder
 
+    s = setup(cfg)  # every config, budget and data error surfaces here, before anything is written
     with partial_folder(out) as work:
         save_config(cfg, work / "config.yaml")
-        s = setup(cfg)
         res = train(s, work / "history.jsonl")
         final_metrics(s, res)
         save(s, res, work)

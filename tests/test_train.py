@@ -1,0 +1,143 @@
+"""End-to-end training on a tiny random BERT: the run folder, reload equality, early stopping, schedules, inits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from lorafit.config import load_config
+from lorafit.engine import encode, predict_logits
+from lorafit.runs import load_run
+from lorafit.train import evaluate, final_metrics, run, save, setup, train
+
+
+def tiny_cfg(model_dir, data_csv, *extra):
+    return load_config(None, [
+        f"model.name={model_dir}",
+        f"data.source={data_csv}",
+        f"data.test_source={data_csv}",
+        "model.max_length=32",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.target_modules=[query,value]",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "train.max_steps=6",
+        "train.eval_every=2",
+        "train.precision=fp32",
+        "train.lr=5e-3",
+        "data.val_fraction=0.2",
+        *extra,
+    ])
+
+
+def test_run_folder_has_every_artifact(tiny_bert, small_csv, tmp_path):
+    out = tmp_path / "run"
+    res = run(tiny_cfg(tiny_bert, small_csv), out)
+    for name in ("config.yaml", "history.jsonl", "metrics.json", "labels.json", "budget.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert not list(tmp_path.glob(".*partial"))
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    assert set(history[0]) >= {"step", "epoch", "train_loss", "val_loss", "val_accuracy", "lr"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        m = metrics[split]
+        assert set(m) >= {"accuracy", "macro_f1", "per_class", "confusion_matrix", "loss"}
+        assert np.sum(m["confusion_matrix"]) == m["samples"]
+    assert metrics["val"]["samples"] == 48  # 20% of 240, stratified
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["total"] == metrics["training"]["trainable_parameters"] == res.metrics["training"]["trainable_parameters"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lora"]["target_modules"] == ["query", "value"]
+    assert json.loads((out / "labels.json").read_text()) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian", "lora.dropout=0.3"],
+    ["lora.init=pissa", "lora.dropout=0"],
+    ["model.head=linear", "lora.bias=lora_only"],
+], ids=["lora", "dora-rslora-gaussian", "pissa", "linear-head-bias"])
+def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_path, extra):
+    cfg = tiny_cfg(tiny_bert, small_csv, *extra)
+    s = setup(cfg)
+    res = train(s)
+    final_metrics(s, res)
+    in_memory = evaluate(s, s.test_enc)["_logits"]
+    save(s, res, tmp_path)
+    loaded = load_run(tmp_path)
+    enc = encode(loaded.tokenizer, s.data.test.texts, s.data.test.labels, cfg.model.max_length)
+    reloaded = predict_logits(loaded.model, enc, 32, loaded.tokenizer.pad_token_id, loaded.device, loaded.dtype)
+    np.testing.assert_allclose(reloaded, in_memory, atol=1e-4)
+    assert (reloaded.argmax(-1) == in_memory.argmax(-1)).all()
+    # the comparison means something only if the trained adapter moved away from a no-op (B starts at zero)
+    assert max(p.abs().max().item() for n, p in loaded.model.named_parameters() if "lora_B" in n) > 0
+
+
+def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
+    # a threshold no evaluation can beat: the first evaluation stays best, training stops after `patience` more
+    cfg = tiny_cfg(tiny_bert, small_csv, "train.max_steps=40", "train.eval_every=1",
+                   "train.early_stopping.patience=2", "train.early_stopping.threshold=100")
+    s = setup(cfg)
+    res = train(s)
+    assert res.stopped_early and res.steps == 3 and res.best_step == 1
+    # the model now holds the step-1 weights: its validation loss equals the first history row's
+    assert evaluate(s, s.val_enc)["loss"] == pytest.approx(res.history[0]["val_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant", "reduce_on_plateau"])
+def test_schedules_warm_up_then_follow_their_shape(tiny_bert, small_csv, scheduler):
+    cfg = tiny_cfg(tiny_bert, small_csv, f"train.scheduler={scheduler}", "train.max_steps=10",
+                   "train.eval_every=1", "train.warmup_ratio=0.2", "train.early_stopping.patience=0")
+    res = train(setup(cfg))
+    lrs = [h["lr"] for h in res.history]
+    peak = 5e-3
+    assert lrs[0] < peak and max(lrs) == pytest.approx(peak)  # warm-up reaches the peak
+    if scheduler in ("cosine", "linear"):
+        assert lrs[-1] < 0.05 * peak
+    elif scheduler == "constant":
+        assert lrs[-1] == pytest.approx(peak)
+    else:
+        assert lrs[-1] <= peak
+
+
+def test_same_seed_gives_the_same_metrics(tiny_bert, small_csv):
+    a = train(setup(tiny_cfg(tiny_bert, small_csv)))
+    b = train(setup(tiny_cfg(tiny_bert, small_csv)))
+    assert a.history == [{**h, "elapsed_s": g["elapsed_s"]} for h, g in zip(b.history, a.history)]
+
+
+def test_over_budget_stops_before_training(tiny_bert, small_csv, tmp_path):
+    cfg = [f"model.name={tiny_bert}", f"data.source={small_csv}", "budget.max_trainable=100"]
+    p = subprocess.run([sys.executable, "-m", "lorafit", "train", *sum((["--set", c] for c in cfg), []), "-o", str(tmp_path / "runs" / "r")],
+                       capture_output=True, text=True)
+    assert p.returncode == 3
+    assert "OVER BUDGET" in p.stdout and "lora_A" in p.stdout
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("lorafit: error:")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_embedded_minilm_learns_and_eval_cli_matches(tmp_path):
+    """The real embedded MiniLM on 480 AG News rows: well above chance, and `lorafit eval` agrees."""
+    out = tmp_path / "run"
+    args = ["--set", "data.max_train_samples=480", "--set", "train.max_steps=30", "--set", "train.lr=2e-3",
+            "--set", "data.test_source=builtin:ag_news_sample_test", "-o", str(out)]
+    p = subprocess.run([sys.executable, "-m", "lorafit", "train", *args], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] > 0.6 and metrics["test"]["accuracy"] > 0.6
+    assert f"accuracy: {metrics['val']['accuracy']:.4f}" in p.stdout
+    q = subprocess.run([sys.executable, "-m", "lorafit", "eval", str(out), "--data", "builtin:ag_news_sample_test",
+                        "--json", str(tmp_path / "m.json")], capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr[-2000:]
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    assert f"accuracy: {again['accuracy']:.4f}" in q.stdout
