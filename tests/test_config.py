@@ -297,7 +297,7 @@ def test_keys_lists_every_key(capsys):
     out = capsys.readouterr().out
     listed = [line.split(" = ", 1)[0] for line in out.splitlines() if not line.startswith(" ")]
     assert listed == leaf_keys() == [k for k, _, _ in all_keys()]
-    assert "lora.r = 8" in out and "train.early_stopping.metric = 'val_loss'" in out
+    assert "lora.r = 8" in out and "train.early_stopping.metric = val_loss" in out and "data.label_names = null" in out
     assert all(doc for _, _, doc in all_keys()), "every key needs a description"
 
 

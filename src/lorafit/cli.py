@@ -56,16 +56,26 @@ def cmd_eval(a) -> int:
 
 
 def cmd_keys(a) -> int:
+    import yaml
+
     from .config import all_keys
 
     for key, default, doc in all_keys():
-        print(f"{key} = {default!r}\n    {doc}")
+        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        print(f"{key} = {value}\n    {doc}")
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage mistakes are one line like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"lorafit: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="Budgeted LoRA fine-tuning of text classifiers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="lorafit", description="Budgeted LoRA fine-tuning of text classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train a run from a config (default: the embedded MiniLM on the AG News sample)")
     _config_args(p)
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
