@@ -166,7 +166,9 @@ def _improved(metric: str, value: float, best: float | None, threshold: float) -
     return value < best - threshold if metric == "val_loss" else value > best + threshold
 
 
-def train(s: Setup, history_path: Path | None = None) -> Result:
+def train(s: Setup, history_path: Path | None = None, on_eval=None) -> Result:
+    """The training loop. `on_eval(row)`, when given, receives every history row as it is written (sweeps
+    use it to prune trials); an exception it raises ends training and propagates."""
     from tqdm.auto import tqdm
 
     cfg, t = s.cfg, s.cfg.train
@@ -239,6 +241,8 @@ def train(s: Setup, history_path: Path | None = None) -> Result:
                 if history_path:
                     with open(history_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                if on_eval is not None:
+                    on_eval(row)
                 run_loss, run_n = 0.0, 0
                 sched.on_eval(val["loss"])
                 value = row[es.metric]
@@ -313,14 +317,14 @@ def summary_line(res: Result, folder: Path) -> str:
     return f"done: {', '.join(parts)} -> {folder}"
 
 
-def run(cfg: Config, out: Path) -> Result:
+def run(cfg: Config, out: Path, on_eval=None) -> Result:
     """Train cfg into the run folder `out`, written under a temporary name and renamed when complete."""
     from .runs import partial_folder
 
     s = setup(cfg)  # every config, budget and data error surfaces here, before anything is written
     with partial_folder(out) as work:
         save_config(cfg, work / "config.yaml")
-        res = train(s, work / "history.jsonl")
+        res = train(s, work / "history.jsonl", on_eval)
         final_metrics(s, res)
         save(s, res, work)
     log(summary_line(res, out))
