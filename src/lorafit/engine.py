@@ -57,12 +57,19 @@ def set_threads(n: int | None) -> None:
 
 
 def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """Keep frozen weights in the compute dtype (halves memory and casts); trainable ones stay fp32."""
+    """Keep frozen weights in the compute dtype (halves memory and casts); trainable ones stay fp32.
+
+    PEFT casts each adapter's input to the adapter's dtype (fp32) before the LoRA matmuls; under autocast
+    those matmuls run in bf16 anyway, so that round trip is pure copying and is switched off.
+    """
     if dtype == torch.float32:
         return
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
