@@ -64,3 +64,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_RUN_SETTINGS = [  # a few fp32 steps on the tiny BERT: seconds, yet a real run folder
+    "model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
+    "train.eval_batch_size=32", "train.max_steps=12", "train.eval_every=4", "train.precision=fp32", "train.lr=5e-3",
+    "data.val_fraction=0.2", "train.num_threads=1",  # one thread: tiny matmuls gain nothing from two, and lose a lot on a busy machine
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_bert, ag_sample, tmp_path_factory) -> Path:
+    """One trained tiny run (test split scored), shared by the predict, report and export tests: do not modify it."""
+    import torch
+
+    from lorafit.config import load_config
+    from lorafit.train import run
+
+    threads = torch.get_num_threads()  # training sets the thread count; give later tests back what they had
+    root = tmp_path_factory.mktemp("tiny-run")
+    data = root / "small.csv"
+    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(data, index=False)
+    cfg = load_config(None, [f"model.name={tiny_bert}", f"data.source={data}", f"data.test_source={data}", *TINY_RUN_SETTINGS])
+    run(cfg, root / "run")
+    torch.set_num_threads(threads)
+    return root / "run"

@@ -66,6 +66,13 @@ def cmd_keys(a) -> int:
     return 0
 
 
+def cmd_predict(a) -> int:
+    from .predict import main as predict_main
+
+    predict_main(a.run, a.input, a.output, a.id_column, a.label_column, a.labels, a.proba, a.overwrite, a.precision)
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but usage mistakes are one line like every other user error."""
 
@@ -97,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="list every config key with its default and meaning")
     p.set_defaults(fn=cmd_keys)
+
+    p = sub.add_parser("predict", help="label a file with a trained run (ids kept, input order kept)")
+    p.add_argument("run", type=Path, help="run folder written by `lorafit train`")
+    p.add_argument("--input", required=True, help="a .csv/.tsv/.parquet/.jsonl file, a pickled DataFrame or datasets.Dataset (.pkl; unpickling runs code, use trusted files), or - for JSON lines on stdin")
+    p.add_argument("--output", required=True, help="a .csv/.tsv/.parquet/.jsonl file, or - for JSON lines on stdout")
+    p.add_argument("--id-column", help="input column carried over as the id (default: ID when present, else the row number from 0)")
+    p.add_argument("--label-column", default="label", help="name of the predicted-label column (default: label)")
+    p.add_argument("--labels", choices=["names", "ids"], default="names", help="write class names (default) or class ids")
+    p.add_argument("--proba", action="store_true", help="add one probability column per class (proba_NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override the run's precision")
+    p.set_defaults(fn=cmd_predict)
     return parser
 
 
