@@ -73,6 +73,24 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_report(a) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(a.run)}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .report import compare
+
+    table, notes = compare(a.runs, a.output)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(table, end="")
+    print(f"wrote comparison.md, comparison.csv, comparison.html and val_loss.png to {a.output}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but usage mistakes are one line like every other user error."""
 
@@ -116,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override the run's precision")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("report", help="rebuild a run's report.html and its PNGs")
+    p.add_argument("run", type=Path, help="run folder written by `lorafit train`")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("compare", help="compare runs: differing config keys and results (Markdown, CSV) and a validation-loss overlay (HTML, PNG)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders, or sweep folders whose subfolders are runs")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for comparison.md/.csv/.html and val_loss.png (files there are replaced)")
+    p.set_defaults(fn=cmd_compare)
     return parser
 
 

@@ -56,6 +56,9 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+ADAPTER_KEYS = ("lora_", "modules_to_save")
+
+
 def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
     """Keep frozen weights in the compute dtype (halves memory and casts); trainable ones stay fp32.
 
@@ -64,8 +67,9 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
     """
     if dtype == torch.float32:
         return
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
+    for name, p in model.named_parameters():
+        # adapter and head weights stay fp32 even when frozen (a reloaded run), so it computes like in training
+        if not p.requires_grad and p.is_floating_point() and not any(k in name for k in ADAPTER_KEYS):
             p.data = p.data.to(dtype)
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):

@@ -327,6 +327,9 @@ def run(cfg: Config, out: Path, on_eval=None) -> Result:
         res = train(s, work / "history.jsonl", on_eval)
         final_metrics(s, res)
         save(s, res, work)
+        from .report import write_run_report
+
+        write_run_report(work)  # report.html and its PNGs; a plotting failure warns instead of losing the run
     log(summary_line(res, out))
     log(f"accuracy: {res.metrics['val']['accuracy']:.4f}")
     return res

@@ -1,0 +1,92 @@
+"""The fast path: length grouping, bf16 storage, merged prediction, and the same code on CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lorafit.config import load_config
+from lorafit.engine import cpu_has_bf16, encode, eval_batches, predict_logits, resolve_precision, store_frozen_in, train_batches
+from lorafit.runs import load_run
+from lorafit.train import run
+
+
+def test_train_batches_cover_every_row_once_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 128, size=1000)
+    batches = train_batches(lengths, 32, seed=1, epoch=0, group_by_length=True)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    shuffled = sum(len(b) * lengths[b].max() for b in train_batches(lengths, 32, 1, 0, group_by_length=False))
+    assert padded < 0.75 * shuffled  # grouping removes most of the padding
+    # a pure function of (seed, epoch): resumable; epochs differ
+    again = train_batches(lengths, 32, seed=1, epoch=0, group_by_length=True)
+    assert all((a == b).all() for a, b in zip(batches, again))
+    other = train_batches(lengths, 32, seed=1, epoch=1, group_by_length=True)
+    assert any(not np.array_equal(a, b) for a, b in zip(batches, other))
+
+
+def test_eval_batches_are_length_sorted():
+    lengths = np.array([3, 50, 7, 20, 9])
+    order = np.concatenate(eval_batches(lengths, 2))
+    assert lengths[order].tolist() == sorted(lengths.tolist(), reverse=True)
+
+
+def test_auto_precision_follows_the_hardware():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == torch.float32
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+
+
+def _tiny(tiny_bert, small_csv, *extra):
+    return load_config(None, [
+        f"model.name={tiny_bert}", f"data.source={small_csv}", f"data.test_source={small_csv}", "model.max_length=32",
+        "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "lora.use_dora=true", "lora.dropout=0.2",
+        "train.batch_size=16", "train.max_steps=12", "train.eval_every=6", "train.lr=5e-3", "data.val_fraction=0.2", *extra,
+    ])
+
+
+def test_bf16_training_stays_finite_and_close_to_fp32(tiny_bert, small_csv, tmp_path):
+    fp32 = run(_tiny(tiny_bert, small_csv, "train.precision=fp32"), tmp_path / "fp32")
+    bf16 = run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "bf16")
+    for h32, h16 in zip(fp32.history, bf16.history):
+        assert math.isfinite(h16["train_loss"]) and math.isfinite(h16["val_loss"])
+        assert abs(h32["val_loss"] - h16["val_loss"]) < 0.05
+    assert abs(fp32.metrics["test"]["accuracy"] - bf16.metrics["test"]["accuracy"]) <= 0.05
+    # frozen weights are stored in bf16, the trainable ones stay fp32 for the optimizer
+    loaded = load_run(tmp_path / "bf16")
+    dtypes = {p.dtype for n, p in loaded.model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+    assert dtypes == {torch.float32}
+    assert {p.dtype for n, p in loaded.model.named_parameters() if "base_layer" in n} == {torch.bfloat16}
+
+
+def test_merged_prediction_equals_unmerged(tiny_bert, small_csv, tmp_path):
+    run(_tiny(tiny_bert, small_csv, "train.precision=fp32"), tmp_path / "r")
+    plain, merged = load_run(tmp_path / "r"), load_run(tmp_path / "r", merge=True)
+    assert not any("lora_" in n for n, _ in merged.model.named_parameters())
+    texts = [f"news item number {i} about markets and games" for i in range(40)]
+    enc = encode(plain.tokenizer, texts, np.zeros(40, dtype=np.int64), 32)
+    a = predict_logits(plain.model, enc, 16, plain.tokenizer.pad_token_id, plain.device, plain.dtype)
+    b = predict_logits(merged.model, enc, 16, merged.tokenizer.pad_token_id, merged.device, merged.dtype)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_store_frozen_in_skips_peft_input_casts(tiny_bert, small_csv):
+    from lorafit.models import build_model, wrap
+
+    cfg = _tiny(tiny_bert, small_csv)
+    model = wrap(build_model(cfg, 4), cfg)
+    store_frozen_in(model, torch.bfloat16)
+    flags = [m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert flags and not any(flags)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the GPU path (bf16 on CUDA) runs only where one is present")
+def test_cuda_path_trains_in_bf16(tiny_bert, small_csv, tmp_path):
+    res = run(_tiny(tiny_bert, small_csv, "train.precision=auto"), tmp_path / "gpu")
+    assert res.metrics["training"]["device"] == "cuda"
+    assert res.metrics["training"]["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    assert math.isfinite(res.metrics["val"]["loss"])
