@@ -91,6 +91,18 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import export_merged
+
+    info = export_merged(a.run, a.merged, a.overwrite)
+    print(f"exported the merged {info['model_type']} model and tokenizer to {a.merged} "
+          f"(max abs logit difference to the run: {info['max_abs_logit_diff']:.1e}, fp32); "
+          f"load it with AutoModelForSequenceClassification.from_pretrained({str(a.merged)!r})")
+    if info["preprocess"]:
+        print(f"note: the run preprocesses texts ({', '.join(info['preprocess'])}); apply the same steps before calling the exported model")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but usage mistakes are one line like every other user error."""
 
@@ -143,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders, or sweep folders whose subfolders are runs")
     p.add_argument("-o", "--output", type=Path, required=True, help="folder for comparison.md/.csv/.html and val_loss.png (files there are replaced)")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("export", help="merge the adapter into the base model and save a plain transformers model")
+    p.add_argument("run", type=Path, help="run folder written by `lorafit train`")
+    p.add_argument("--merged", type=Path, required=True, metavar="DIR", help="folder for the merged model and tokenizer (loadable without peft)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 
