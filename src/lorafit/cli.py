@@ -103,6 +103,29 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from .config import load_config
+    from .plan import make_plan, table, write
+    from .sweep import parse_ints
+
+    cfg = load_config(a.config, a.overrides)
+    plan = make_plan(cfg, a.budget, parse_ints(a.ranks, "--ranks"))
+    print(table(plan))
+    if not plan.fits:
+        raise LorafitError(f"none of the {plan.counted} configurations fits the budget of {plan.max_trainable:,}; raise --budget or budget.max_trainable, or try lower --ranks")
+    if a.output:
+        write(plan, a.output, a.config)
+        print(f"wrote {len(plan.fits)} points to {a.output}; train them with: lorafit sweep {f'-c {a.config} ' if a.config else ''}--plan {a.output} -o sweeps/NAME")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from .sweep import main as sweep_main
+
+    sweep_main(a)
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but usage mistakes are one line like every other user error."""
 
@@ -161,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", type=Path, required=True, metavar="DIR", help="folder for the merged model and tokenizer (loadable without peft)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("plan", help="list the adapter layouts (targets, rank, DoRA, head, layers) that fit the budget, without loading weights")
+    _config_args(p)
+    p.add_argument("--budget", type=int, metavar="N", help="trainable-parameter budget (default: the config's budget.max_trainable)")
+    p.add_argument("--ranks", default="2,4,8,16", metavar="R,R,...", help="ranks to try (default: 2,4,8,16)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the fitting layouts as a sweep file for `lorafit sweep --plan FILE`")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("sweep", help="train a grid, a plan or an Optuna search of configs into one sweep folder; re-running resumes")
+    _config_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="sweep folder (e.g. sweeps/NAME): one run folder per point and seed, results.csv, results.md")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="values of one key, parsed as YAML (repeatable: the grid is the product), e.g. --grid lora.r=2,4,8")
+    p.add_argument("--grid-file", type=Path, metavar="FILE", help="a sweep file: 'grid: {key: [values]}' and/or 'points: [{key: value}]'")
+    p.add_argument("--plan", type=Path, metavar="FILE", help="the points written by `lorafit plan -o FILE` (combined with any --grid)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="train each point with seeds train.seed .. train.seed+N-1; tables show mean ± std")
+    p.add_argument("--metric", choices=["val_loss", "val_accuracy", "val_macro_f1"], help="sort (and search) by this validation metric (default: train.early_stopping.metric)")
+    p.add_argument("--search", choices=["optuna"], help="search instead of a grid: Optuna TPE with pruning on the intermediate validation metric")
+    p.add_argument("--trials", type=int, metavar="N", help="search: trials in total, across every worker of the study")
+    p.add_argument("--space", type=Path, metavar="FILE", help="search: YAML of key -> [choices] or {low, high, log, step}")
+    p.add_argument("--storage", metavar="URL", help="search: an Optuna storage URL shared by several workers (e.g. postgresql://user:pw@host/db); default: SQLite in the sweep folder")
+    p.add_argument("--study", metavar="NAME", help="search: the study name (required with --storage; default: the sweep folder's name)")
+    p.add_argument("--pruner", choices=["median", "none"], default="median", help="search: prune trials whose intermediate metric is worse than the median of earlier trials at the same step (default) or never")
+    p.set_defaults(fn=cmd_sweep)
     return parser
 
 
