@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="values of one key, parsed as YAML (repeatable: the grid is the product), e.g. --grid lora.r=2,4,8")
     p.add_argument("--grid-file", type=Path, metavar="FILE", help="a sweep file: 'grid: {key: [values]}' and/or 'points: [{key: value}]'")
     p.add_argument("--plan", type=Path, metavar="FILE", help="the points written by `lorafit plan -o FILE` (combined with any --grid)")
+    p.add_argument("--dry-run", action="store_true", help="list the points, their budgets and what is finished; train nothing")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="train each point with seeds train.seed .. train.seed+N-1; tables show mean ± std")
     p.add_argument("--metric", choices=["val_loss", "val_accuracy", "val_macro_f1"], help="sort (and search) by this validation metric (default: train.early_stopping.metric)")
     p.add_argument("--search", choices=["optuna"], help="search instead of a grid: Optuna TPE with pruning on the intermediate validation metric")

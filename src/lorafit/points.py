@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,10 @@ from . import budget as budget_mod
 from .config import Config, _load_yaml, _suggest, all_keys, read_yaml, validate
 from .errors import LorafitError
 
-LEAF_KEYS = None  # filled lazily: every settable dotted key
-
-
-def leaf_keys() -> set[str]:
-    global LEAF_KEYS
-    if LEAF_KEYS is None:
-        LEAF_KEYS = {k for k, _, _ in all_keys()}
-    return LEAF_KEYS
+@lru_cache(maxsize=1)
+def leaf_keys() -> frozenset[str]:
+    """Every settable dotted key (config leaves)."""
+    return frozenset(k for k, _, _ in all_keys())
 
 
 def check_keys(keys, origin: str) -> None:
