@@ -17,9 +17,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(a) -> int:
     from .config import load_config
-    from .runs import check_output, default_run_dir
+    from .runs import check_output, default_run_dir, resume_config
     from .train import run
 
+    if a.resume:
+        given = [flag for flag, value in (("-c", a.config), ("-o", a.output), ("--overwrite", a.overwrite)) if value]
+        if given:
+            raise LorafitError(f"--resume continues a run with its own config.yaml in its own folder; drop {', '.join(given)}")
+        run(resume_config(a.resume, a.overrides), a.resume, resume=True)
+        return 0
     cfg = load_config(a.config, a.overrides)
     out = a.output or default_run_dir(cfg)
     check_output(out, a.overwrite)
@@ -141,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("-o", "--output", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest checkpoint (--set may change only train.lr, train.precision, threads, eval batch size, checkpointing)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("budget", help="count trainable parameters by part without loading weights; exit 3 when over budget")

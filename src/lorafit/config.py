@@ -21,7 +21,16 @@ INIT_CHOICES = "default | gaussian | pissa | pissa_niter_N | olora"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan and inf pass `gt=0` style bounds (inf > 0) but are never a meaningful setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression ({e})") from None
+    return pattern
 
 
 class ModelConfig(Section):
@@ -62,12 +71,29 @@ class LoraConfig(Section):
             return v
         raise ValueError(f"expected one of {INIT_CHOICES}")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _check_target_regex(cls, v):
+        return _check_regex(v) if isinstance(v, str) and v != "all-linear" else v
+
     @field_validator("rank_pattern")
     @classmethod
     def _check_ranks(cls, v: dict[str, int]) -> dict[str, int]:
         bad = {k: r for k, r in v.items() if r <= 0}
         if bad:
             raise ValueError(f"ranks must be positive, found {bad}")
+        for k in v:
+            _check_regex(k)
+        return v
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _check_alphas(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: a for k, a in v.items() if a <= 0}
+        if bad:
+            raise ValueError(f"alphas must be positive, found {bad}")
+        for k in v:
+            _check_regex(k)
         return v
 
     @model_validator(mode="after")
@@ -101,6 +127,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
+    checkpoint_every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.")
 
     @field_validator("eval_every")
     @classmethod
@@ -301,4 +329,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from .atomic import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a resumed run rewrites it

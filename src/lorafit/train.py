@@ -1,4 +1,4 @@
-"""The training recipe: setup -> sanity check -> train (evaluate, early-stop) -> restore best -> final metrics -> save.
+"""The training recipe: setup -> sanity check -> train (evaluate, early-stop, checkpoint) -> restore best -> final metrics -> save.
 
 A plain PyTorch loop over a PEFT-wrapped model. It is shorter than configuring Trainer for the same
 behaviour and lets the fast path (length grouping, dynamic padding, bf16-stored frozen base) be the default.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import budget as budget_mod
+from .atomic import atomic_write_text
+from .checkpoint import RESUME_OVERRIDES, Checkpoints, rng_state, set_rng_state
 from .config import Config, save_config
 from .data import Data, load_data
 from .engine import (
@@ -144,6 +146,25 @@ class Schedule:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "step_sched": self.step_sched.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore after optimizer.load_state_dict (the current lr lives in the optimizer's param groups)."""
+        self.steps = state["steps"]
+        self.step_sched.load_state_dict(state["step_sched"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
+
+    def rescale(self, factor: float) -> None:
+        """Scale the whole schedule from here on: a resumed run given a lower train.lr."""
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
+            if "initial_lr" in g:
+                g["initial_lr"] *= factor
+        self.step_sched.base_lrs = [b * factor for b in self.step_sched.base_lrs]
+        self.base = [b * factor for b in self.base]
+
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
     """AdamW; like Trainer, no decay on biases and norm weights."""
@@ -152,7 +173,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
         if p.requires_grad:
             (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=False)
+    # fused AdamW: one kernel for all parameters instead of a dozen small ops per tensor
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 
 def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
@@ -166,12 +188,100 @@ def _improved(metric: str, value: float, best: float | None, threshold: float) -
     return value < best - threshold if metric == "val_loss" else value > best + threshold
 
 
-def train(s: Setup, history_path: Path | None = None, on_eval=None) -> Result:
+@dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint holds besides weights, optimizer, schedule, RNG and results."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index of the next batch in the epoch's order (a pure function of seed and epoch)
+    done: bool = False
+    run_loss: float = 0.0  # train loss summed since the last evaluation
+    run_n: int = 0
+    seen: int = 0
+    elapsed: float = 0.0  # training seconds spent before this process took over
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("rank_pattern", "alpha_pattern") else {prefix + k: v})
+    return out
+
+
+def _checkpoint(s: Setup, p: Progress, res: Result, optimizer, sched: Schedule, trainable: dict, best_state: dict | None) -> dict:
+    return {
+        "config": s.cfg.to_dict(),
+        "progress": asdict(p),
+        "result": asdict(res),
+        "trainable": {k: v.detach().cpu().clone() for k, v in trainable.items()},
+        "best": {k: v.cpu() for k, v in best_state.items()} if best_state is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "schedule": sched.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def _restore(s: Setup, state: dict, optimizer, sched: Schedule, trainable: dict) -> tuple[Progress, Result, dict | None]:
+    """Load a checkpoint into the freshly set-up model, optimizer and schedule (the RNG is restored by the caller, last)."""
+    saved, now = _flat(state["config"]), _flat(s.cfg.to_dict())
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_OVERRIDES]
+    if changed:
+        raise LorafitError(f"{state['path']} was written with a different config ({', '.join(changed[:5])} differ); resume with the run's own config.yaml or start a new run")
+    if set(state["trainable"]) != set(trainable):
+        raise LorafitError(f"{state['path']} does not hold this model's trainable parameters; resume with the run's own config.yaml or start a new run")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    old_lr = state["config"]["train"]["lr"]
+    if s.cfg.train.lr != old_lr:
+        log(f"note: train.lr changes from {old_lr:g} to {s.cfg.train.lr:g}: the schedule is scaled by {s.cfg.train.lr / old_lr:g} from here on")
+        sched.rescale(s.cfg.train.lr / old_lr)
+    best = {k: v.to(s.device) for k, v in state["best"].items()} if state["best"] is not None else None
+    return Progress(**state["progress"]), Result(**state["result"]), best
+
+
+def _numerical_fault(s: Setup, what: str, value: float, step: int, epoch: int, checkpoints: Checkpoints | None) -> LorafitError:
+    """One line: where it happened, the usual fixes, and the last good checkpoint, which is kept.
+
+    A train loss or gradient of step k comes from the weights after step k-1: a checkpoint of step k-1 holds
+    the weights that failed, so it is dropped, and resuming starts from the one before.
+    """
+    t = s.cfg.train
+    fixes = f"lower train.lr (now {t.lr:g})" + (f" or use train.precision=fp32 (now {str(s.dtype).replace('torch.', '')})" if s.dtype != torch.float32 else "")
+    kept = ""
+    if checkpoints is not None:
+        if what != "validation loss":
+            checkpoints.discard(step - 1)
+        last = checkpoints.latest_step()
+        if last is None:
+            kept = "; no good checkpoint had been written yet"
+        else:
+            kept = f"; the last good checkpoint (step {last}) is kept: continue from it with `lorafit train --resume {checkpoints.folder.parent} --set train.lr=...`"
+    return LorafitError(f"the {what} became {value} at step {step} (epoch {epoch + 1}); {fixes}{kept}")
+
+
+def _batch_loss(s: Setup, index) -> torch.Tensor:
+    batch = collate(s.train_enc, index, s.tokenizer.pad_token_id, s.device)
+    labels = torch.from_numpy(s.train_enc.labels[index]).to(s.device)
+    with autocast(s.device, s.dtype):
+        logits = s.model(**batch).logits
+    return F.cross_entropy(logits.float(), labels, label_smoothing=s.cfg.train.label_smoothing)
+
+
+def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints: Checkpoints | None = None, resume: dict | None = None) -> Result:
     """The training loop. `on_eval(row)`, when given, receives every history row as it is written (sweeps
-    use it to prune trials); an exception it raises ends training and propagates."""
+    use it to prune trials); an exception it raises ends training and propagates.
+
+    With `checkpoints`, a checkpoint is written at the end of every epoch, every `train.checkpoint_every` steps
+    and when training ends. `resume`, a loaded checkpoint, continues exactly where it was written: same weights,
+    optimizer moments, schedule, RNG streams (LoRA dropout) and position in the epoch's batch order.
+    """
     from tqdm.auto import tqdm
 
-    cfg, t = s.cfg, s.cfg.train
+    t = s.cfg.train
     n = len(s.train_enc)
     steps_per_epoch = math.ceil(math.ceil(n / t.batch_size) / t.grad_accum)
     total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
@@ -179,9 +289,8 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None) -> Result:
     optimizer = make_optimizer(s.model, t.lr, t.weight_decay)
     sched = Schedule(optimizer, t.scheduler, total, math.ceil(t.warmup_ratio * total))
     es = t.early_stopping
-    res = Result()
-    trainable = [p for p in s.model.parameters() if p.requires_grad]
-    best_state = None
+    trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
+    res, p, best_state = Result(), Progress(), None
 
     # A broken setup should fail in seconds, not after an epoch: one forward/backward-free pass on validation rows.
     quick = Encoded(s.val_enc.ids[: t.eval_batch_size], s.val_enc.labels[: t.eval_batch_size])
@@ -189,85 +298,96 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None) -> Result:
     if not math.isfinite(loss0):
         raise LorafitError(f"the untrained model gives a non-finite validation loss ({loss0}); try train.precision=fp32")
 
+    if resume is not None:
+        p, res, best_state = _restore(s, resume, optimizer, sched, trainable)
+        where = "training had finished" if p.done else f"epoch {p.epoch + 1}, batch {p.batch} of {math.ceil(n / t.batch_size)}"
+        log(f"resuming from {resume['path']}: step {p.step} of {total} ({where}), {len(res.history)} evaluations so far")
+        if history_path:  # rows evaluated after the checkpoint were lost with the process; they are computed again
+            atomic_write_text(history_path, "".join(json.dumps(row) + "\n" for row in res.history))
+        set_rng_state(resume["rng"])
+
     lengths = s.train_enc.lengths
     log(f"training {total} steps ({t.epochs:g} epochs of {steps_per_epoch} steps, batch {t.batch_size} x accum {t.grad_accum}), evaluating every {eval_every} steps")
     s.model.train()
-    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
-    step, epoch, run_loss, run_n, seen = 0, 0, 0.0, 0, 0
-    done = False
-    while not done:
-        batches = train_batches(lengths, t.batch_size, t.seed, epoch, t.group_by_length)
-        for i in range(0, len(batches), t.grad_accum):
-            group = batches[i : i + t.grad_accum]
-            rows = sum(len(b) for b in group)
-            for index in group:
-                batch = collate(s.train_enc, index, s.tokenizer.pad_token_id, s.device)
-                labels = torch.from_numpy(s.train_enc.labels[index]).to(s.device)
-                with autocast(s.device, s.dtype):
-                    logits = s.model(**batch).logits
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=t.label_smoothing)
-                (loss * (len(index) / rows)).backward()
-                run_loss += loss.item() * len(index)
-                run_n += len(index)
-            if not math.isfinite(run_loss):
-                raise LorafitError(f"the training loss became {run_loss} at step {step + 1}; lower train.lr or use train.precision=fp32")
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            seen += rows
-            bar.update(1)
-            bar.set_postfix(loss=f"{run_loss / max(run_n, 1):.4f}", lr=f"{sched.lr:.2e}", refresh=False)
-            last_in_epoch = i + t.grad_accum >= len(batches)
-            done = step >= total
-            if step % eval_every == 0 or done:
-                val = evaluate(s, s.val_enc, "eval")
+    try:
+        while not p.done:
+            epoch = p.epoch
+            batches = train_batches(lengths, t.batch_size, t.seed, epoch, t.group_by_length)
+            for i in range(p.batch, len(batches), t.grad_accum):
+                group = batches[i : i + t.grad_accum]
+                rows = sum(len(b) for b in group)
+                for index in group:
+                    loss = _batch_loss(s, index)
+                    value = loss.item()
+                    if not math.isfinite(value):  # stop before the optimizer spreads it into the weights
+                        raise _numerical_fault(s, "training loss", value, p.step + 1, epoch, checkpoints)
+                    (loss * (len(index) / rows)).backward()
+                    p.run_loss += value * len(index)
+                    p.run_n += len(index)
+                if t.max_grad_norm:
+                    norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, checkpoints)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sched.step()
+                p.step += 1
+                p.seen += rows
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.run_loss / max(p.run_n, 1):.4f}", lr=f"{sched.lr:.2e}", refresh=False)
+                last_in_epoch = i + t.grad_accum >= len(batches)
                 frac_epoch = epoch + (i + len(group)) / len(batches)
-                row = {
-                    "step": step,
-                    "epoch": round(frac_epoch, 4),
-                    "train_loss": run_loss / max(run_n, 1),
-                    "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"],
-                    "val_macro_f1": val["macro_f1"],
-                    "lr": sched.lr,
-                    "samples_seen": seen,
-                    "elapsed_s": round(time.perf_counter() - start, 2),
-                }
-                res.history.append(row)
-                if history_path:
-                    with open(history_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if on_eval is not None:
-                    on_eval(row)
-                run_loss, run_n = 0.0, 0
-                sched.on_eval(val["loss"])
-                value = row[es.metric]
-                bar.write(f"step {step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
-                if _improved(es.metric, value, res.best_value, es.threshold if res.best_value is not None else 0.0):
-                    res.best_value, res.best_step = value, step
-                    best_state = {n_: p.detach().clone() for n_, p in s.model.named_parameters() if p.requires_grad}
-                elif es.patience and sum(1 for h in res.history if h["step"] > res.best_step) >= es.patience:
-                    bar.write(f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations")
-                    res.stopped_early = done = True
-                res.epochs_run = frac_epoch
-            if done:
-                break
-            if last_in_epoch:
-                break
-        epoch += 1
-    bar.close()
-    res.steps = step
-    res.train_seconds = time.perf_counter() - start
-    if best_state is not None and res.best_step != step:
+                p.epoch, p.batch = (epoch + 1, 0) if last_in_epoch else (epoch, i + t.grad_accum)
+                p.done = p.step >= total
+                if p.step % eval_every == 0 or p.done:
+                    val = evaluate(s, s.val_enc, "eval")
+                    if not math.isfinite(val["loss"]):
+                        raise _numerical_fault(s, "validation loss", val["loss"], p.step, epoch, checkpoints)
+                    row = {
+                        "step": p.step,
+                        "epoch": round(frac_epoch, 4),
+                        "train_loss": p.run_loss / max(p.run_n, 1),
+                        "val_loss": val["loss"],
+                        "val_accuracy": val["accuracy"],
+                        "val_macro_f1": val["macro_f1"],
+                        "lr": sched.lr,
+                        "samples_seen": p.seen,
+                        "elapsed_s": round(p.elapsed + time.perf_counter() - start, 2),
+                    }
+                    res.history.append(row)
+                    if history_path:
+                        with open(history_path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    if on_eval is not None:
+                        on_eval(row)
+                    p.run_loss, p.run_n = 0.0, 0
+                    sched.on_eval(val["loss"])
+                    metric = row[es.metric]
+                    bar.write(f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
+                    if _improved(es.metric, metric, res.best_value, es.threshold if res.best_value is not None else 0.0):
+                        res.best_value, res.best_step = metric, p.step
+                        best_state = {k: v.detach().clone() for k, v in trainable.items()}
+                    elif es.patience and sum(1 for h in res.history if h["step"] > res.best_step) >= es.patience:
+                        bar.write(f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations")
+                        res.stopped_early = p.done = True
+                    res.epochs_run = frac_epoch
+                if checkpoints is not None and (p.done or last_in_epoch or checkpoints.due(p.step)):
+                    elapsed = p.elapsed + time.perf_counter() - start
+                    state = _checkpoint(s, replace(p, elapsed=elapsed), res, optimizer, sched, trainable, best_state)
+                    checkpoints.save(state, p.step, res.best_step)
+                if p.done or last_in_epoch:
+                    break
+    finally:
+        bar.close()  # an error message then starts on a line of its own
+    res.steps = p.step
+    res.train_seconds = p.elapsed + time.perf_counter() - start
+    if best_state is not None and res.best_step != p.step:
         log(f"restoring the best checkpoint (step {res.best_step}, {es.metric} {res.best_value:.4f})")
-        params = dict(s.model.named_parameters())
         with torch.no_grad():
-            for n_, v in best_state.items():
-                params[n_].copy_(v)
+            for k, v in best_state.items():
+                trainable[k].copy_(v)
     return res
 
 
@@ -317,14 +437,25 @@ def summary_line(res: Result, folder: Path) -> str:
     return f"done: {', '.join(parts)} -> {folder}"
 
 
-def run(cfg: Config, out: Path, on_eval=None) -> Result:
-    """Train cfg into the run folder `out`, written under a temporary name and renamed when complete."""
-    from .runs import partial_folder
+def run(cfg: Config, out: Path, on_eval=None, resume: bool = False) -> Result:
+    """Train cfg into the run folder `out`; with resume=True continue the interrupted run in `out`.
+
+    The folder is locked and marked INCOMPLETE while it trains (runs.training_folder); checkpoints land in
+    out/checkpoints/, so a crash or kill costs at most the steps since the last one, and the folder is marked
+    complete only once every file is written.
+    """
+    from .runs import training_folder
 
     s = setup(cfg)  # every config, budget and data error surfaces here, before anything is written
-    with partial_folder(out) as work:
+    with training_folder(out, resume) as work:
+        checkpoints = Checkpoints(work, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+        state = checkpoints.load_latest() if resume else None
+        if resume and state is None:
+            log(f"note: {out} has no checkpoint yet: training it from the start")
+        if state is None:
+            (work / "history.jsonl").unlink(missing_ok=True)
         save_config(cfg, work / "config.yaml")
-        res = train(s, work / "history.jsonl", on_eval)
+        res = train(s, work / "history.jsonl", on_eval, checkpoints, state)
         final_metrics(s, res)
         save(s, res, work)
         from .report import write_run_report
