@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +52,21 @@ def small_csv(tmp_path, ag_sample) -> Path:
     path = tmp_path / "small.csv"
     df.to_csv(path, index=False)
     return path
+
+
+# Inputs tried by the systematic bad-input tests (tests/test_bad_inputs.py), by kind; printed after the run.
+CASES_TRIED: Counter = Counter()
+
+
+@pytest.fixture(scope="session")
+def cases_tried() -> Counter:
+    return CASES_TRIED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if CASES_TRIED:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(CASES_TRIED.items()))
+        terminalreporter.write_sep("-", f"bad input: {sum(CASES_TRIED.values())} cases tried ({kinds})")
 
 
 def pytest_addoption(parser):

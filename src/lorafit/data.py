@@ -6,6 +6,7 @@ names the file and says what was expected. Rows with empty or missing text are d
 
 from __future__ import annotations
 
+import codecs
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -78,7 +79,7 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
                     array = suffix == ".json" and fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
                 df = pd.read_json(path, lines=not array, encoding="utf-8-sig", dtype=False)
     except UnicodeDecodeError as e:
-        raise LorafitError(f"{role}: {source} is not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
+        raise LorafitError(f"{role}: {source} is not valid UTF-8 ({_first_bad_byte(path, e)}); re-save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise LorafitError(f"{role}: {source} has no columns; expected a header row and data") from None
     except pd.errors.ParserError as e:
@@ -96,6 +97,19 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
     return df
 
 
+def _first_bad_byte(path: Path, err: UnicodeDecodeError) -> str:
+    """'line L, byte B' of the first byte that is not UTF-8 (the reader's own offset is relative to its buffer)."""
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = bom + e.start
+        line = data.count(b"\n", 0, start) + 1
+        return f"line {line}, byte {start}"
+    return f"byte {err.start}"
+
+
 def _read_hub(source: str, role: str) -> pd.DataFrame:
     from .models import hub_reachable
 
@@ -111,10 +125,20 @@ def _read_hub(source: str, role: str) -> pd.DataFrame:
         raise LorafitError(f"{role}={source!r}: could not load split {split!r} from the hub ({str(e).splitlines()[0]})") from None
 
 
+def _delimiter_hint(df: pd.DataFrame) -> str:
+    """A file read as one column whose name holds another separator was written with that separator."""
+    if len(df.columns) == 1:
+        for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+            if sep in str(df.columns[0]):
+                return (f" (the header looks {name}-separated: .csv files are read comma-separated and .tsv tab-separated; "
+                        f"re-save it with commas{' or rename it to .tsv' if sep == chr(9) else ''})")
+    return ""
+
+
 def _join_texts(df: pd.DataFrame, columns: list[str], source: str) -> pd.Series:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise LorafitError(f"{source}: text column(s) {missing} not found; the file has columns {list(df.columns)}; set data.text_columns")
+        raise LorafitError(f"{source}: text column(s) {missing} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.text_columns")
     parts = [df[c].where(df[c].notna(), "").astype(str).str.strip() for c in columns]
     text = parts[0]
     for p in parts[1:]:
@@ -131,10 +155,15 @@ def infer_label_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
     if cfg.source.startswith("builtin:ag_news"):
         return list(AG_NEWS_LABELS)
     if cfg.label_column not in df.columns:
-        raise LorafitError(f"{cfg.source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}; set data.label_column")
+        raise LorafitError(f"{cfg.source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column")
     values = df[cfg.label_column].dropna()
     ints = pd.to_numeric(values, errors="coerce")
-    if len(values) and ints.notna().all() and (ints == ints.round()).all() and ints.min() >= 0:
+    if len(values) and ints.notna().all() and np.isfinite(ints).all() and (ints == ints.round()).all() and ints.min() >= 0:
+        distinct = ints.nunique()
+        if ints.max() + 1 > max(2 * distinct, 100):  # not ids 0..C-1 but codes such as years: C would be huge
+            largest = str(values.iloc[int(np.argmax(ints.to_numpy()))]).strip()
+            raise LorafitError(f"{cfg.source}: column {cfg.label_column!r} holds integers up to {largest} but only {distinct} distinct values; "
+                               f"integer labels are class ids 0..C-1: renumber them, or name the classes with data.label_names (e.g. {sorted(values.astype(str).str.strip().unique())[:3]})")
         return [str(i) for i in range(int(ints.max()) + 1)]
     return sorted(values.astype(str).str.strip().unique())
 
@@ -146,7 +175,7 @@ def _label_ids(series: pd.Series, names: list[str], source: str, column: str) ->
     values = series[present]
     as_int = pd.to_numeric(values, errors="coerce")
     index = {n: i for i, n in enumerate(names)}
-    if len(values) and as_int.notna().all() and (as_int == as_int.round()).all():
+    if len(values) and as_int.notna().all() and np.isfinite(as_int).all() and (as_int == as_int.round()).all() and as_int.abs().max() < 2**62:
         mapped = as_int.astype(np.int64).to_numpy()
         bad = (mapped < 0) | (mapped >= len(names))
         if bad.any() and all(str(v).strip() in index for v in values):  # names that happen to be digits
@@ -170,7 +199,7 @@ def to_split(df: pd.DataFrame, cfg: DataConfig, names: list[str], source: str, r
     notes = []
     if require_labels or cfg.label_column in df.columns:
         if cfg.label_column not in df.columns:
-            raise LorafitError(f"{source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}; set data.label_column")
+            raise LorafitError(f"{source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column")
         labels = _label_ids(df[cfg.label_column], names, source, cfg.label_column)
     else:
         labels = np.full(len(df), -1, dtype=np.int64)

@@ -85,6 +85,16 @@ def _hub_call(name: str, what: str, fn, *args, **kwargs):
         raise LorafitError(f"could not load the {what} of model {name!r}: {why}; {OFFLINE_HINT}") from None
 
 
+def _local_call(name: str, what: str, fn, path: str, **kwargs):
+    """Run a from_pretrained call on a local folder; a broken or partial folder is a user error, in one line."""
+    try:
+        return fn(path, **kwargs)
+    except (OSError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorafitError(f"model.name={name!r}: could not load the {what} from the folder {path} ({why}); expected a complete Hugging Face model folder "
+                           "(config.json, weights, tokenizer files: the output of save_pretrained)") from None
+
+
 def load_model_config(name: str, num_labels: int, label_names: list[str] | None = None):
     """The architecture config, without weights. For well-known hub ids a shipped copy is used offline."""
     from transformers import AutoConfig
@@ -101,7 +111,7 @@ def load_model_config(name: str, num_labels: int, label_names: list[str] | None 
             setattr(cfg, k, v)
         return cfg
     if local:
-        return AutoConfig.from_pretrained(path, **kwargs)
+        return _local_call(name, "config", AutoConfig.from_pretrained, path, **kwargs)
     return _hub_call(name, "config", AutoConfig.from_pretrained, path, **kwargs)
 
 
@@ -111,7 +121,7 @@ def load_tokenizer(name_or_path: str):
     _quiet_transformers()
     path, local = resolve(name_or_path) if not Path(name_or_path).is_dir() else (name_or_path, True)
     if local:
-        return AutoTokenizer.from_pretrained(path)
+        return _local_call(name_or_path, "tokenizer", AutoTokenizer.from_pretrained, path)
     return _hub_call(name_or_path, "tokenizer", AutoTokenizer.from_pretrained, path)
 
 
@@ -161,7 +171,7 @@ def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = No
     path, local = resolve(cfg.model.name)
     load = AutoModelForSequenceClassification.from_pretrained
     kwargs = dict(config=model_cfg, dtype=torch.float32)
-    model = load(path, **kwargs) if local else _hub_call(cfg.model.name, "weights", load, path, **kwargs)
+    model = _local_call(cfg.model.name, "weights", load, path, **kwargs) if local else _hub_call(cfg.model.name, "weights", load, path, **kwargs)
     return apply_head(model, cfg.model.head)
 
 
