@@ -90,6 +90,20 @@ def _no_data(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} recorded", ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _readable_ylim(ax, values: list[float], floor: float | None = None, ceiling: float | None = None) -> None:
+    """Autoscaling one point (or a flat line) zooms into the fifth decimal; keep some context around the values."""
+    lo, hi = min(values), max(values)
+    pad = max((hi - lo) * 0.1, 0.05 * max(abs(hi), 1e-3))
+    lo, hi = lo - pad, hi + pad
+    ax.set_ylim(max(lo, floor) if floor is not None else lo, min(hi, ceiling) if ceiling is not None else hi)
+
+
+def _few_evaluations_note(ax, n: int) -> None:
+    if n == 1:
+        ax.text(0.5, 0.02, "one evaluation: set train.eval_every to a number of steps for a curve", ha="center", va="bottom",
+                transform=ax.transAxes, color="0.4", fontsize=8)
+
+
 def plot_loss(run: RunFiles, path: Path) -> Path:
     fig = _figure()
     ax = fig.add_subplot()
@@ -98,6 +112,8 @@ def plot_loss(run: RunFiles, path: Path) -> Path:
         epochs = [r["epoch"] for r in h]
         ax.plot(epochs, [r["train_loss"] for r in h], "o-", label="train (mean since the last evaluation)")
         ax.plot(epochs, [r["val_loss"] for r in h], "s-", label="validation")
+        _readable_ylim(ax, [r[k] for r in h for k in ("train_loss", "val_loss")], floor=0)
+        _few_evaluations_note(ax, len(h))
         ax.legend()
     else:
         _no_data(ax, "evaluations")
@@ -113,8 +129,12 @@ def plot_accuracy(run: RunFiles, path: Path) -> Path:
     if h:
         epochs = [r["epoch"] for r in h]
         ax.plot(epochs, [r["val_accuracy"] for r in h], "o-", label="val accuracy")
+        scores = [r["val_accuracy"] for r in h]
         if all("val_macro_f1" in r for r in h):
             ax.plot(epochs, [r["val_macro_f1"] for r in h], "s--", label="val macro-F1", alpha=0.8)
+            scores += [r["val_macro_f1"] for r in h]
+        _readable_ylim(ax, scores, floor=0, ceiling=1.0)
+        _few_evaluations_note(ax, len(h))
         ax.legend()
     else:
         _no_data(ax, "evaluations")
