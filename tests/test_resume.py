@@ -2,8 +2,8 @@
 
 The central claim: a run interrupted at any point and resumed with `lorafit train --resume` ends with exactly
 the metrics and adapter weights of the same run left alone (fp32 on CPU; bf16 on CPU too, with the tolerance stated
-below). The fast tests interrupt in-process through the on_eval hook; the slow one SIGKILLs a real
-`python -m lorafit train` process mid-epoch.
+below). Most tests interrupt in-process through the on_eval hook; two SIGKILL a real `python -m lorafit train`
+process mid-epoch (fp32 by default, about 20 s; bf16 with --slow).
 """
 
 from __future__ import annotations
@@ -147,6 +147,21 @@ def test_interrupted_run_resumes_exactly(reference, small_csv, tmp_path, capsys,
         assert_same_run(ref, control)
 
 
+def test_ctrl_c_keeps_the_checkpoints(reference, tmp_path, capsys):
+    cfg, _ = reference
+    out = tmp_path / "run"
+
+    def interrupt(row):
+        if row["step"] == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out, on_eval=interrupt)
+    assert f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`" in capsys.readouterr().out
+    assert (out / INCOMPLETE).exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004.pt"]
+    assert not (out / LOCK).exists()
+
+
 def test_failure_before_the_first_checkpoint_leaves_nothing(tiny_bert, small_csv, tmp_path):
     out = tmp_path / "runs" / "r"
     with pytest.raises(Crash):
@@ -266,7 +281,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_be
     out = tmp_path / "run"
     args = sum((["--set", item] for item in [
         f"model.name={tiny_bert}", f"data.source={small_csv}", "model.max_length=32", "lora.r=4", "lora.target_modules=[query,value]",
-        "train.batch_size=16", "train.max_steps=6", "train.precision=fp32", "data.val_fraction=0.2", "train.checkpoint_every=1",
+        "train.batch_size=16", "train.max_steps=6", "train.precision=fp32", "data.val_fraction=0.2", "train.checkpoint_every=1", "train.num_threads=1",
         # warm-up: step 1 runs at lr 0, step 2 at 1e30/3, which throws the weights to ~1e29: step 3's loss is nan
         "train.warmup_ratio=0.5", "train.lr=1e30",
     ]), [])
@@ -332,7 +347,6 @@ def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, precision: str) -
     return ref, out
 
 
-@pytest.mark.slow
 def test_sigkilled_training_resumes_exactly_fp32(tiny_bert, ag_sample, tmp_path):
     ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, "fp32")
     assert_same_run(ref, out)

@@ -188,7 +188,7 @@ def training_folder(out: Path, resume: bool = False):
         checkpoints = out / CHECKPOINTS
         keep = resume or (checkpoints.is_dir() and any(p.suffix == ".pt" for p in checkpoints.iterdir()))
         if keep:
-            print(f"note: {out} keeps its checkpoints; continue the run with `lorafit train --resume {out}`", flush=True)
+            print(f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`", flush=True)
         else:
             _clear(out)
         release_lock(out, fd)
