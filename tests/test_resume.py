@@ -316,7 +316,7 @@ def test_nan_before_any_checkpoint_suggests_fp32_and_leaves_nothing(tiny_bert, s
 # A real process, killed
 
 
-def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, precision: str) -> tuple[Path, Path]:
+def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, precision: str) -> tuple[Path, Path]:
     data = tmp_path / "data.csv"
     ag_sample.groupby("label", group_keys=False).head(100).to_csv(data, index=False)  # 400 rows: 40 steps per epoch
     items = [f"model.name={tiny_bert}", f"data.source={data}", "model.max_length=64", "lora.r=4", "lora.target_modules=[query,value]",
@@ -334,10 +334,18 @@ def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, precision: str) -
     try:
         while proc.poll() is None and not (checkpoints.is_dir() and any(checkpoints.glob("step-*.pt"))):
             time.sleep(0.002)
+        proc.send_signal(signal.SIGSTOP)  # frozen mid-epoch, still holding its lock
+        assert proc.poll() is None, f"training ended before the kill: {proc.stderr.read().decode()[-1000:]}"
+        # a second process may not train into the folder, resume it or evaluate it meanwhile
+        for argv in (["train", "--resume", str(out)], ["train", *sum((["--set", i] for i in items), []), "-o", str(out), "--overwrite"],
+                     ["eval", str(out), "--data", str(data)]):
+            assert main(argv) == 2
+            assert f"pid {proc.pid}" in capsys.readouterr().err
         proc.send_signal(signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"training ended before the kill: {proc.stderr.read().decode()[-1000:]}"
+    assert proc.returncode == -signal.SIGKILL
     assert (out / INCOMPLETE).exists() and (out / LOCK).exists()  # a lock file of a dead process: stale
 
     q = subprocess.run([sys.executable, "-m", "lorafit", "train", "--resume", str(out)], env=env, capture_output=True, text=True, timeout=600)
@@ -347,14 +355,14 @@ def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, precision: str) -
     return ref, out
 
 
-def test_sigkilled_training_resumes_exactly_fp32(tiny_bert, ag_sample, tmp_path):
-    ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, "fp32")
+def test_sigkilled_training_resumes_exactly_fp32(tiny_bert, ag_sample, tmp_path, capsys):
+    ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, "fp32")
     assert_same_run(ref, out)
 
 
 @pytest.mark.slow
-def test_sigkilled_training_resumes_bf16(tiny_bert, ag_sample, tmp_path):
+def test_sigkilled_training_resumes_bf16(tiny_bert, ag_sample, tmp_path, capsys):
     # bf16 on CPU is deterministic too and comes out bit-identical here; the stated tolerance allows for bf16
     # kernels that pick their reduction order at run time (other CPUs, GPUs)
-    ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, "bf16")
+    ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, "bf16")
     assert assert_same_run(ref, out, atol=1e-3) <= 1e-3
