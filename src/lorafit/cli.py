@@ -61,6 +61,16 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import PIPELINES, main as bench_main
+
+    unknown = [x for x in a.pipelines if x not in PIPELINES]
+    if unknown:
+        raise LorafitError(f"--pipelines: unknown {unknown}; expected some of {list(PIPELINES)}")
+    bench_main(a.train_samples, a.predict_samples, a.budget_minutes, a.seed, a.out, a.pipelines)
+    return 0
+
+
 def cmd_keys(a) -> int:
     import yaml
 
@@ -161,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the metrics as JSON")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="override the run's precision")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="time the reference Trainer recipe, a tuned Trainer and lorafit's path side by side; writes docs/benchmarks.md")
+    p.add_argument("--train-samples", type=int, default=1280, help="training samples per pipeline (default 1280: about 5 minutes on 2 cores)")
+    p.add_argument("--predict-samples", type=int, default=1000, help="rows predicted and scored per pipeline (max 2000)")
+    p.add_argument("--budget-minutes", type=float, help="instead: train each pipeline for this many wall-clock minutes over the whole sample, then score")
+    p.add_argument("--pipelines", nargs="+", default=["reference", "tuned", "lorafit"], help="which pipelines to run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="Markdown file to update")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("keys", help="list every config key with its default and meaning")
     p.set_defaults(fn=cmd_keys)

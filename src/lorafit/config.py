@@ -116,6 +116,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    max_seconds: float | None = Field(None, gt=0, description="Also stop after this many wall-clock seconds of training (the schedule still spans the planned steps); for time-to-accuracy runs.")
     scheduler: Literal["cosine", "linear", "constant", "reduce_on_plateau"] = Field("cosine", description="Learning-rate schedule after warm-up.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the optimizer steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")

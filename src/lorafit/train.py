@@ -340,7 +340,7 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                 last_in_epoch = i + t.grad_accum >= len(batches)
                 frac_epoch = epoch + (i + len(group)) / len(batches)
                 p.epoch, p.batch = (epoch + 1, 0) if last_in_epoch else (epoch, i + t.grad_accum)
-                p.done = p.step >= total
+                p.done = p.step >= total or bool(t.max_seconds and p.elapsed + time.perf_counter() - start >= t.max_seconds)
                 if p.step % eval_every == 0 or p.done:
                     val = evaluate(s, s.val_enc, "eval")
                     if not math.isfinite(val["loss"]):
