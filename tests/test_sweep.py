@@ -117,10 +117,10 @@ def test_a_failed_point_does_not_stop_the_others_and_is_retried(tiny_bert, small
 
     real_run = lorafit.train.run
 
-    def flaky(cfg, out, on_eval=None):
+    def flaky(cfg, out, **kwargs):
         if cfg.lora.r == 2:
             raise LorafitError("the training loss became nan at step 1; lower train.lr")
-        return real_run(cfg, out, on_eval=on_eval)
+        return real_run(cfg, out, **kwargs)
 
     out = tmp_path / "f"
     args = [*tiny_args(tiny_bert, small_csv), "--grid", "lora.r=2,4", "-o", str(out)]
@@ -135,6 +135,26 @@ def test_a_failed_point_does_not_stop_the_others_and_is_retried(tiny_bert, small
     code, stdout, _ = sweep(capsys, *args)
     assert code == 0 and "1 run(s) finished earlier, 1 to train" in stdout
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
+
+
+def test_an_interrupted_point_continues_from_its_checkpoint(tiny_bert, small_csv, tmp_path, capsys, monkeypatch):
+    import lorafit.train
+
+    real = lorafit.train.final_metrics
+
+    def crash(*a, **k):  # after the last step's checkpoint, before the run folder is complete
+        raise LorafitError("simulated crash")
+
+    out = tmp_path / "i"
+    args = [*tiny_args(tiny_bert, small_csv, "train.checkpoint_every=1"), "--grid", "lora.r=2", "-o", str(out)]
+    monkeypatch.setattr(lorafit.train, "final_metrics", crash)
+    code, _, _ = sweep(capsys, *args)
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert code == 2 and (folder / "INCOMPLETE").exists() and not is_complete(folder)
+    monkeypatch.setattr(lorafit.train, "final_metrics", real)
+    code, stdout, _ = sweep(capsys, *args)
+    assert code == 0 and "0 run(s) finished earlier, 1 to train" in stdout and "resuming from" in stdout
+    assert is_complete(folder) and [r["status"] for r in read_csv(out / "results.csv")] == ["done"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -6,9 +6,9 @@
       results.csv, results.md   one row per point, sorted by the chosen metric (mean ± std over seeds)
       study.db              the Optuna study (search mode, default storage)
 
-A point is finished when its run folder is complete (train.run writes `.NAME.partial` and renames it at the
-end), so re-running the same command trains only what is missing. Over-budget points are counted on a
-weightless skeleton and listed as skipped before anything trains.
+A point is finished when its run folder is complete (every file written, no INCOMPLETE marker), so re-running
+the same command trains only what is missing, and a point interrupted mid-training continues from its newest
+checkpoint. Over-budget points are counted on a weightless skeleton and listed as skipped before anything trains.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from .config import Config
 from .errors import LorafitError
 from .points import Point, Skeletons, apply_point, check_keys, describe, flow, get_key, resolve_points
-from .runs import REQUIRED_FILES
+from .runs import INCOMPLETE, REQUIRED_FILES
 
 METRICS = {"val_loss": "best_val_loss", "val_accuracy": "val_accuracy", "val_macro_f1": "val_macro_f1"}  # --metric -> column
 FIELDS = ("trainable", "best_val_loss", "val_accuracy", "val_macro_f1", "test_accuracy", "epochs", "wall_s")
@@ -52,8 +52,8 @@ def lower_is_better(metric: str) -> bool:
 
 
 def is_complete(folder: Path) -> bool:
-    """Every file of a finished run is there (and no INCOMPLETE marker, for runs trained in place)."""
-    return folder.is_dir() and all((folder / f).exists() for f in REQUIRED_FILES) and not (folder / "INCOMPLETE").exists()
+    """Every file of a finished run is there, and no INCOMPLETE marker (runs train in place)."""
+    return folder.is_dir() and all((folder / f).exists() for f in REQUIRED_FILES) and not (folder / INCOMPLETE).exists()
 
 
 def read_record(folder: Path) -> dict:
@@ -162,7 +162,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def folder_lock(out: Path):
-    """One sweep process per folder: two would train the same point into the same partial folder."""
+    """One sweep process per folder: two would train the same point into the same run folder."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def folder_lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LorafitError(f"another lorafit sweep is running in {out}; wait for it to finish or pick another -o") from None
-        for stale in out.glob(".*.partial"):  # left by a killed run; we hold the folder, so nobody is writing them
+        for stale in out.glob(".*.partial"):  # left by a killed run of an older lorafit (runs now train in place)
             shutil.rmtree(stale, ignore_errors=True)
         yield
 
@@ -208,11 +208,12 @@ def check_base(out: Path, base: Config) -> None:
 
 
 def run_one(cfg: Config, folder: Path, on_eval=None, **info) -> dict:
-    """Train one point with one seed into `folder` (a normal run folder) and return its table figures."""
+    """Train one point with one seed into `folder` (a normal run folder) and return its table figures.
+    A folder left INCOMPLETE by an interrupted sweep continues from its newest checkpoint."""
     from .train import run
 
     start = time.perf_counter()
-    run(cfg, folder, on_eval=on_eval)
+    run(cfg, folder, on_eval=on_eval, resume=(folder / INCOMPLETE).exists())
     info["wall_seconds"] = round(time.perf_counter() - start, 2)
     (folder / POINT_FILE).write_text(json.dumps(info, indent=1, default=str))
     return read_record(folder)
@@ -477,6 +478,9 @@ def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: s
 
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                for folder in out.glob(f"trial-{t.number:04d}-s*"):  # its half-trained runs: never resumed
+                    if (folder / INCOMPLETE).exists():
+                        shutil.rmtree(folder, ignore_errors=True)
         else:
             optuna.storages.fail_stale_trials(study)
         skeletons = Skeletons()
@@ -520,8 +524,10 @@ def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: s
                                                                  "val_accuracy": [last["val_accuracy"], None], "val_macro_f1": [last["val_macro_f1"], None],
                                                                  "epochs": [last["epoch"], None]}
                     trial.set_user_attr("lorafit", attrs | {"status": f"pruned at step {last['step']}", "values": values})
+                    _discard(folder)
                     raise
                 except LorafitError as e:
+                    _discard(folder)
                     return _fail(trial, str(e))
                 attrs["runs"].append(folder.name)
             failures_in_a_row[0] = 0
@@ -552,6 +558,12 @@ def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: s
     log(f"search done: this worker trained {len(ran)} trial(s) {ran} in {time.perf_counter() - start:.0f}s; the study has "
         f"{_claims(study)} of {trials} -> {out}/results.md")
     return len(ran)
+
+
+def _discard(folder: Path) -> None:
+    """A pruned or failed trial is never resumed (a new trial takes its place): drop its checkpoints."""
+    if (folder / INCOMPLETE).exists():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_study(study, base: Config, space_path: Path, dims: list[Dim], metric: str, seeds: int) -> None:
