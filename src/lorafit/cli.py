@@ -243,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except LorafitError as e:
-        # one line, whatever a user put into a key or value that the message quotes
-        one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")
-        print(f"lorafit: error: {one_line}", file=sys.stderr)
+        print(f"lorafit: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)

@@ -10,6 +10,10 @@ class LorafitError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        # one line, whatever a user put into a key, value or file name that the message quotes
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class BudgetExceeded(LorafitError):
     """The adapter configuration trains more parameters than `budget.max_trainable` allows."""
