@@ -78,7 +78,7 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
         output_dir=str(Path("/tmp") / f"lorafit-bench-{kind}"),
         per_device_train_batch_size=BATCH, per_device_eval_batch_size=64 if kind == "reference" else 128,
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.1,
-        num_train_epochs=1, max_steps=max_steps or 10**9 if minutes else max_steps, eval_strategy="no", save_strategy="no", logging_strategy="no",
+        num_train_epochs=1, max_steps=max_steps, eval_strategy="no", save_strategy="no", logging_strategy="no",
         report_to="none", use_cpu=True, seed=seed, bf16=(kind == "tuned"), dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if kind == "tuned" else "random", disable_tqdm=True,
     )
@@ -120,7 +120,7 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
         f"lora.r={lc['r']}", f"lora.alpha={lc['alpha']}", f"lora.dropout={lc['dropout']}", "lora.target_modules=[query,value]",
         "lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian",
         f"train.batch_size={BATCH}", f"train.lr={LR}", "train.weight_decay=0.1", "train.scheduler=cosine", "train.warmup_ratio=0.1",
-        f"train.max_steps={max_steps or 10**6}", "train.eval_every=1000000", "train.early_stopping.patience=0", f"train.seed={seed}",
+        f"train.max_steps={max_steps}", "train.eval_every=1000000", "train.early_stopping.patience=0", f"train.seed={seed}",
         f"train.max_seconds={minutes * 60}" if minutes else "train.max_seconds=null",
     ]
     res = run(load_config(None, overrides), tmp / "run")
@@ -138,7 +138,8 @@ def run_one(kind: str, train_samples: int, predict_samples: int, minutes: float 
     texts, labels, test_texts, test_labels = _data(train_samples if not minutes else 0, predict_samples, seed)
     from .models import builtin_model_dir  # noqa: F401  (fail early if the model package is missing)
 
-    steps = None if minutes else math.ceil(train_samples / BATCH)
+    # one epoch over the data sets the schedule; with a time budget, training also stops at the deadline
+    steps = math.ceil(len(texts) / BATCH)
     if kind == "lorafit":
         r = _lorafit_pipeline(texts, labels, test_texts, test_labels, steps, minutes, seed)
     else:
