@@ -33,6 +33,17 @@ def make_tiny_model(folder: Path, model_type: str = "bert") -> Path:
     return folder
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread, and on a shared machine two busy-waiting threads can be 30x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
