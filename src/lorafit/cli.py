@@ -240,13 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from . import distributed
+
     try:
+        d = distributed.launched()  # torchrun / accelerate launch: this process's rank; one process: a no-op
+        if d.active and args.command != "train":
+            raise LorafitError(f"`lorafit {args.command}` runs in one process; only `lorafit train` runs under torchrun or accelerate launch: start it without the launcher")
         return args.fn(args)
     except LorafitError as e:
-        print(f"lorafit: error: {e}", file=sys.stderr)
+        try:
+            distributed.current().fail_together(e)  # several processes, and this one failed its checks: tell the others
+        except LorafitError as agreed:
+            e = agreed
+        distributed.current().exiting()  # the exit code is decided: a launcher's late SIGTERM must not replace it
+        if distributed.reports(e):  # several processes: rank 0 prints the error once, every process exits with its code
+            print(f"lorafit: error: {e}", file=sys.stderr)
         return e.exit_code
+    except distributed.Stopped:  # SIGTERM from the launcher before training started: another process failed its checks
+        if distributed.current().main:  # (most likely with the error rank 0 printed already, or would have)
+            print(f"lorafit: error: {distributed.current().stopped_message(None, False)}", file=sys.stderr)
+        return distributed.STOPPED_EXIT
     except KeyboardInterrupt:
-        print("lorafit: interrupted", file=sys.stderr)
+        if distributed.current().main:
+            print("lorafit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

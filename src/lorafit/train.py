@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import budget as budget_mod
+from . import distributed
 from .atomic import atomic_write_text
 from .checkpoint import RESUME_OVERRIDES, Checkpoints, rng_state, set_rng_state
 from .config import Config, save_config
@@ -39,7 +40,8 @@ from .models import build_model, load_tokenizer, wrap
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if distributed.current().main:  # one copy of every message in a multi-process run
+        print(msg, flush=True)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Setup:
     train_enc: Encoded
     val_enc: Encoded
     test_enc: Encoded | None
+    dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's place in a multi-process run
 
 
 @dataclass
@@ -86,7 +89,8 @@ def check_budget(cfg: Config, num_labels: int) -> budget_mod.Budget:
 
 
 def setup(cfg: Config) -> Setup:
-    set_threads(cfg.train.num_threads)
+    d = distributed.current()
+    set_threads(cfg.train.num_threads or (d.cpu_threads() if d.active else None))
     device = pick_device()
     dtype = resolve_precision(cfg.train.precision, device)
     known = num_labels_for(cfg)
@@ -178,7 +182,10 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
 
 
 def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
-    logits = predict_logits(s.model, enc, s.cfg.train.eval_batch_size, s.tokenizer.pad_token_id, s.device, s.dtype, progress)
+    def predict(rows: Encoded) -> np.ndarray:
+        return predict_logits(s.model, rows, s.cfg.train.eval_batch_size, s.tokenizer.pad_token_id, s.device, s.dtype, progress if s.dist.main else None)
+
+    logits = s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)  # several processes: each scores a share
     return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits}
 
 
@@ -209,8 +216,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _checkpoint(s: Setup, p: Progress, res: Result, optimizer, sched: Schedule, trainable: dict, best_state: dict | None) -> dict:
-    return {
+def _checkpoint(s: Setup, p: Progress, res: Result, optimizer, sched: Schedule, trainable: dict, best_state: dict | None, rngs: list | None = None) -> dict:
+    extra = {"processes": s.dist.world, "rng_ranks": rngs} if s.dist.active else {}  # every process's RNG (LoRA dropout)
+    return extra | {
         "config": s.cfg.to_dict(),
         "progress": asdict(p),
         "result": asdict(res),
@@ -224,6 +232,12 @@ def _checkpoint(s: Setup, p: Progress, res: Result, optimizer, sched: Schedule, 
 
 def _restore(s: Setup, state: dict, optimizer, sched: Schedule, trainable: dict) -> tuple[Progress, Result, dict | None]:
     """Load a checkpoint into the freshly set-up model, optimizer and schedule (the RNG is restored by the caller, last)."""
+    processes = state.get("processes", 1)
+    if processes != s.dist.world:
+        run_folder = Path(state["path"]).parent.parent
+        how = f"`{s.dist.resume_command(run_folder, processes)}`" if processes > 1 else f"one process: `lorafit train --resume {run_folder}` without a launcher"
+        raise LorafitError(f"{state['path']} was written by {processes} process(es) and this is {s.dist.world}: the effective batch size would change; "
+                           f"resume it with {how}")
     saved, now = _flat(state["config"]), _flat(s.cfg.to_dict())
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_OVERRIDES]
     if changed:
@@ -281,9 +295,10 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
     """
     from tqdm.auto import tqdm
 
-    t = s.cfg.train
+    t, d = s.cfg.train, s.dist
     n = len(s.train_enc)
-    steps_per_epoch = math.ceil(math.ceil(n / t.batch_size) / t.grad_accum)
+    gb = t.batch_size * d.world  # the rows of one forward pass over all processes; each process takes its share
+    steps_per_epoch = math.ceil(math.ceil(n / gb) / t.grad_accum)
     total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
     eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
     optimizer = make_optimizer(s.model, t.lr, t.weight_decay)
@@ -291,6 +306,10 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
     es = t.early_stopping
     trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
     res, p, best_state = Result(), Progress(), None
+    if d.active:
+        d.broadcast_params(list(trainable.values()))  # every process starts from rank 0's weights
+        if not d.main:  # LoRA dropout: each process draws its own masks; rank 0 keeps the stream one process would have
+            torch.manual_seed(t.seed * 1_000_003 + d.rank)
 
     # A broken setup should fail in seconds, not after an epoch: one forward/backward-free pass on validation rows.
     quick = Encoded(s.val_enc.ids[: t.eval_batch_size], s.val_enc.labels[: t.eval_batch_size])
@@ -300,32 +319,40 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
 
     if resume is not None:
         p, res, best_state = _restore(s, resume, optimizer, sched, trainable)
-        where = "training had finished" if p.done else f"epoch {p.epoch + 1}, batch {p.batch} of {math.ceil(n / t.batch_size)}"
+        where = "training had finished" if p.done else f"epoch {p.epoch + 1}, batch {p.batch} of {math.ceil(n / gb)}"
         log(f"resuming from {resume['path']}: step {p.step} of {total} ({where}), {len(res.history)} evaluations so far")
         if history_path:  # rows evaluated after the checkpoint were lost with the process; they are computed again
             atomic_write_text(history_path, "".join(json.dumps(row) + "\n" for row in res.history))
-        set_rng_state(resume["rng"])
+        set_rng_state(resume["rng_ranks"][d.rank] if d.active else resume["rng"])
 
     lengths = s.train_enc.lengths
-    log(f"training {total} steps ({t.epochs:g} epochs of {steps_per_epoch} steps, batch {t.batch_size} x accum {t.grad_accum}), evaluating every {eval_every} steps")
+    if d.active:
+        log(f"training {total} steps ({t.epochs:g} epochs of {steps_per_epoch} steps) on {d.world} processes: batch {t.batch_size} per process x {d.world} processes "
+            f"x accum {t.grad_accum} = effective batch {gb * t.grad_accum}, lr {t.lr:g} (not scaled with the number of processes); evaluating every {eval_every} steps")
+    else:
+        log(f"training {total} steps ({t.epochs:g} epochs of {steps_per_epoch} steps, batch {t.batch_size} x accum {t.grad_accum}), evaluating every {eval_every} steps")
     s.model.train()
     bar = tqdm(total=total, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+    say = bar.write if d.main else lambda msg: None
     start = time.perf_counter()
     try:
         while not p.done:
             epoch = p.epoch
-            batches = train_batches(lengths, t.batch_size, t.seed, epoch, t.group_by_length)
+            batches = train_batches(lengths, gb, t.seed, epoch, t.group_by_length)  # the same on every process
             for i in range(p.batch, len(batches), t.grad_accum):
                 group = batches[i : i + t.grad_accum]
                 rows = sum(len(b) for b in group)
                 for index in group:
-                    loss = _batch_loss(s, index)
-                    value = loss.item()
+                    local = d.shard(index)  # one process: the whole batch
+                    loss = _batch_loss(s, local) if len(local) else None
+                    value = d.global_mean(loss.item() if loss is not None else 0.0, len(local), len(index))
                     if not math.isfinite(value):  # stop before the optimizer spreads it into the weights
                         raise _numerical_fault(s, "training loss", value, p.step + 1, epoch, checkpoints)
-                    (loss * (len(index) / rows)).backward()
+                    if loss is not None:  # weighted by its share of all rows: the summed gradients are the mean over the global batch
+                        (loss * (len(local) / rows)).backward()
                     p.run_loss += value * len(index)
                     p.run_n += len(index)
+                d.sum_grads(list(trainable.values()))
                 if t.max_grad_norm:
                     norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
                     if not torch.isfinite(norm):
@@ -340,7 +367,7 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                 last_in_epoch = i + t.grad_accum >= len(batches)
                 frac_epoch = epoch + (i + len(group)) / len(batches)
                 p.epoch, p.batch = (epoch + 1, 0) if last_in_epoch else (epoch, i + t.grad_accum)
-                p.done = p.step >= total or bool(t.max_seconds and p.elapsed + time.perf_counter() - start >= t.max_seconds)
+                p.done = p.step >= total or bool(t.max_seconds and d.any(p.elapsed + time.perf_counter() - start >= t.max_seconds))
                 if p.step % eval_every == 0 or p.done:
                     val = evaluate(s, s.val_enc, "eval")
                     if not math.isfinite(val["loss"]):
@@ -365,18 +392,21 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                     p.run_loss, p.run_n = 0.0, 0
                     sched.on_eval(val["loss"])
                     metric = row[es.metric]
-                    bar.write(f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
+                    say(f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
                     if _improved(es.metric, metric, res.best_value, es.threshold if res.best_value is not None else 0.0):
                         res.best_value, res.best_step = metric, p.step
                         best_state = {k: v.detach().clone() for k, v in trainable.items()}
                     elif es.patience and sum(1 for h in res.history if h["step"] > res.best_step) >= es.patience:
-                        bar.write(f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations")
+                        say(f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations")
                         res.stopped_early = p.done = True
                     res.epochs_run = frac_epoch
-                if checkpoints is not None and (p.done or last_in_epoch or checkpoints.due(p.step)):
-                    elapsed = p.elapsed + time.perf_counter() - start
-                    state = _checkpoint(s, replace(p, elapsed=elapsed), res, optimizer, sched, trainable, best_state)
-                    checkpoints.save(state, p.step, res.best_step)
+                due = checkpoints.due(p.step) if checkpoints is not None else bool(t.checkpoint_every) and p.step % t.checkpoint_every == 0
+                if (checkpoints is not None or d.active) and (p.done or last_in_epoch or due):
+                    rngs = d.all_gather_object(rng_state()) if d.active else None  # only rank 0 holds `checkpoints`
+                    if checkpoints is not None:
+                        elapsed = p.elapsed + time.perf_counter() - start
+                        state = _checkpoint(s, replace(p, elapsed=elapsed), res, optimizer, sched, trainable, best_state, rngs)
+                        checkpoints.save(state, p.step, res.best_step)
                 if p.done or last_in_epoch:
                     break
     finally:
@@ -404,11 +434,13 @@ def final_metrics(s: Setup, res: Result) -> dict:
         "best_" + s.cfg.train.early_stopping.metric: res.best_value,
         "stopped_early": res.stopped_early,
         "train_seconds": round(res.train_seconds, 2),
-        "train_samples_per_s": round(res.steps * s.cfg.train.batch_size * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2),
+        "train_samples_per_s": round(res.steps * s.cfg.train.batch_size * s.dist.world * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2),
         "trainable_parameters": s.budget.total,
         "precision": str(s.dtype).replace("torch.", ""),
         "device": s.device.type,
     }
+    if s.dist.active:
+        out["training"]["processes"] = s.dist.world
     res.metrics = out
     return out
 
@@ -443,24 +475,47 @@ def run(cfg: Config, out: Path, on_eval=None, resume: bool = False) -> Result:
     The folder is locked and marked INCOMPLETE while it trains (runs.training_folder); checkpoints land in
     out/checkpoints/, so a crash or kill costs at most the steps since the last one, and the folder is marked
     complete only once every file is written.
+
+    Under a launcher (torchrun, accelerate launch) every process runs this: the processes join a group once
+    setup has passed, train together, and only rank 0 touches the run folder (see distributed.py).
     """
+    import contextlib
+
     from .runs import training_folder
 
-    s = setup(cfg)  # every config, budget and data error surfaces here, before anything is written
-    with training_folder(out, resume) as work:
-        checkpoints = Checkpoints(work, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
-        state = checkpoints.load_latest() if resume else None
-        if resume and state is None:
-            log(f"note: {out} has no checkpoint yet: training it from the start")
-        if state is None:
-            (work / "history.jsonl").unlink(missing_ok=True)
-        save_config(cfg, work / "config.yaml")
-        res = train(s, work / "history.jsonl", on_eval, checkpoints, state)
-        final_metrics(s, res)
-        save(s, res, work)
-        from .report import write_run_report
+    d = distributed.current()
+    try:
+        s = setup(cfg)  # every config, budget and data error surfaces here, before anything is written
+    except LorafitError as e:
+        d.fail_together(e)  # several processes: all of them stop with this error; one process: raises it
+    s.dist = d.start(s.device, out)
+    d.agree(None)  # the other processes passed their checks too
+    with d.guard(out, resume), contextlib.ExitStack() as stack:
 
-        write_run_report(work)  # report.html and its PNGs; a plotting failure warns instead of losing the run
+        def enter_folder():  # rank 0 only; its errors (a lock held by someone else) end every process
+            work = stack.enter_context(training_folder(out, resume))
+            state = Checkpoints(work, cfg.train.checkpoint_every, cfg.train.keep_checkpoints).load_latest() if resume else None
+            if resume and state is None:
+                log(f"note: {out} has no checkpoint yet: training it from the start")
+            if state is None:
+                (work / "history.jsonl").unlink(missing_ok=True)
+            save_config(cfg, work / "config.yaml")
+            return work, state
+
+        work, state = d.on_main(enter_folder)  # the checkpoint reaches every process from rank 0
+        work = work if d.main else None
+        checkpoints = Checkpoints(work, cfg.train.checkpoint_every, cfg.train.keep_checkpoints) if work else None
+        res = train(s, work / "history.jsonl" if work else None, on_eval, checkpoints, state)
+        final_metrics(s, res)
+
+        def write_run():
+            save(s, res, work)
+            from .report import write_run_report
+
+            write_run_report(work)  # report.html and its PNGs; a plotting failure warns instead of losing the run
+
+        d.on_main(write_run)
+    d.stop()
     log(summary_line(res, out))
     log(f"accuracy: {res.metrics['val']['accuracy']:.4f}")
     return res
