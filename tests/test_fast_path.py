@@ -90,3 +90,46 @@ def test_cuda_path_trains_in_bf16(tiny_bert, small_csv, tmp_path):
     assert res.metrics["training"]["device"] == "cuda"
     assert res.metrics["training"]["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
     assert math.isfinite(res.metrics["val"]["loss"])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
+def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model_type, tmp_path, small_csv, one_thread):
+    """train.skip_unused_tokens: the last layer computes only the first token, which is all the head reads. The
+    logits (texts of different lengths, so padding and masks are involved) and every adapter gradient must equal
+    the full forward's; architectures it does not know (DistilBERT) keep their full forward."""
+    from conftest import make_tiny_model
+
+    from lorafit.engine import collate, first_token_last_layer
+    from lorafit.models import build_model, wrap
+
+    folder = make_tiny_model(tmp_path / model_type, model_type)
+    cfg = _tiny(folder, small_csv, "lora.dropout=0", "lora.target_modules=all-linear")
+    torch.manual_seed(0)
+    model = wrap(build_model(cfg, 4), cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # dropout draws differ between the two forwards; the arithmetic must not
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained-looking adapter, not the zero init
+    texts = ["short", "a somewhat longer text about markets, oil and the weather", "one two three four five"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = collate(encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu"))
+
+    def logits_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch).logits
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    full, full_grads = logits_and_grads()
+    assert first_token_last_layer(model) == (model_type != "distilbert")
+    pruned, pruned_grads = logits_and_grads()
+    torch.testing.assert_close(pruned, full, atol=1e-5, rtol=1e-5)
+    assert pruned_grads.keys() == full_grads.keys()
+    for n in full_grads:
+        torch.testing.assert_close(pruned_grads[n], full_grads[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -110,6 +110,38 @@ def test_schedules_warm_up_then_follow_their_shape(tiny_bert, small_csv, schedul
         assert lrs[-1] <= peak
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_a_time_limit_ends_the_schedule_at_the_deadline(scheduler):
+    """With train.max_seconds the decay follows whichever is further along, steps or time: a run cut short by
+    its deadline still ends at the bottom of its schedule; without a limit it follows the steps as before."""
+    from transformers import get_scheduler
+
+    from lorafit.train import Schedule
+
+    def lrs(max_seconds, elapsed):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = Schedule(opt, scheduler, total_steps=100, warmup_steps=10, max_seconds=max_seconds)
+        out = []
+        for e in elapsed:
+            sched.step(e)
+            out.append(sched.lr)
+        return out
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_scheduler(scheduler, opt, num_warmup_steps=10, num_training_steps=100)
+    by_steps = []
+    for _ in range(100):
+        ref.step()
+        by_steps.append(opt.param_groups[0]["lr"])
+    slow = [6.0 * i for i in range(1, 21)]  # 20 steps take 120 s: the 60 s deadline comes at step 10 of 100
+    assert lrs(None, slow) == pytest.approx(by_steps[:20])  # no limit: steps only, as Trainer schedules it
+    timed = lrs(60.0, slow)
+    assert timed[4] == pytest.approx(by_steps[49])  # 30 s of 60: half-way through the schedule at step 5
+    assert timed[9] == pytest.approx(0.0, abs=1e-12) and max(timed) == pytest.approx(1.0)
+    fast = [0.01 * i for i in range(1, 21)]  # time barely moves: the steps lead
+    assert lrs(60.0, fast) == pytest.approx(by_steps[:20])
+
+
 def test_same_seed_gives_the_same_metrics(tiny_bert, small_csv):
     """CPU fp32: split, initialisation, batch order and LoRA dropout all follow train.seed, so two runs agree
     exactly (history, final metrics, every trained weight); another seed gives another run."""

@@ -34,7 +34,7 @@ def format_metrics(m: dict, label_names: list[str]) -> str:
 def main(run_dir: Path, data: str, json_out: Path | None, precision: str | None) -> dict:
     import json
 
-    run = load_run(run_dir, precision)
+    run = load_run(run_dir, precision, merge=True)
     m = evaluate_run(run, data)
     print(format_metrics(m, run.label_names))
     if json_out:

@@ -66,8 +66,7 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
     """Merge the run's adapter into its base model and save a plain transformers model + tokenizer to `out`."""
     from transformers import AutoModelForSequenceClassification
 
-    from .predict import load
-    from .runs import read_run_config
+    from .runs import load_run, read_run_config
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
@@ -80,7 +79,7 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
     label_names = json.loads((run_dir / "labels.json").read_text())
     _check_head_exportable(cfg, len(label_names))
 
-    run = load(run_dir, "fp32").run
+    run = load_run(run_dir, "fp32")  # unmerged: the logits the export is checked against
     run.model.to("cpu")  # the check compares fp32 CPU logits; the saved weights are device-free anyway
     before = _logits(run.model, run.tokenizer, cfg.model.max_length)
     merged = _plain_head(run.model.merge_and_unload())

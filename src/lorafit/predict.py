@@ -86,7 +86,7 @@ def load(run_dir: str | Path, precision: str | None = None) -> Classifier:
 
     with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates; not the user's concern
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return Classifier(load_run(Path(run_dir), precision))
+        return Classifier(load_run(Path(run_dir), precision, merge=True))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

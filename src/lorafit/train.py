@@ -27,6 +27,7 @@ from .engine import (
     autocast,
     collate,
     encode,
+    first_token_last_layer,
     pick_device,
     predict_logits,
     resolve_precision,
@@ -112,6 +113,8 @@ def setup(cfg: Config) -> Setup:
         raise RuntimeError(f"budget mismatch: computed {b.total} but the wrapped model trains {counted} parameters")
     model.to(device)
     store_frozen_in(model, dtype)
+    if cfg.train.skip_unused_tokens:
+        first_token_last_layer(model)
     log(
         f"data: {len(train_enc)} train / {len(val_enc)} val" + (f" / {len(test_enc)} test" if test_enc else "")
         + f" rows, {len(data.label_names)} classes; device {device.type}, compute {str(dtype).replace('torch.', '')}, "
@@ -121,12 +124,17 @@ def setup(cfg: Config) -> Setup:
 
 
 class Schedule:
-    """Linear warm-up, then cosine / linear / constant decay per step, or reduce-on-plateau per evaluation."""
+    """Linear warm-up, then cosine / linear / constant decay per step, or reduce-on-plateau per evaluation.
 
-    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int):
+    With a time limit (`max_seconds`) the schedule runs on whichever is further along, steps or time, so it
+    ends when training does even when the deadline comes before the planned steps.
+    """
+
+    def __init__(self, optimizer, kind: str, total_steps: int, warmup_steps: int, max_seconds: float | None = None):
         from transformers import get_scheduler
 
         self.optimizer, self.kind, self.warmup = optimizer, kind, warmup_steps
+        self.total, self.max_seconds = total_steps, max_seconds
         self.base = [g["lr"] for g in optimizer.param_groups]
         if kind == "reduce_on_plateau":
             self.step_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0)
@@ -137,9 +145,14 @@ class Schedule:
             self.plateau = None
         self.steps = 0
 
-    def step(self) -> None:
+    def step(self, elapsed: float = 0.0) -> None:
+        """One optimizer step done, `elapsed` training seconds so far."""
         self.steps += 1
         if self.plateau is None or self.steps <= self.warmup:
+            at = self.steps
+            if self.max_seconds:
+                at = max(at, math.floor(self.total * min(1.0, elapsed / self.max_seconds)))
+            self.step_sched.last_epoch = at - 1  # the LambdaLR's step counter: step() moves it to `at`
             self.step_sched.step()
 
     def on_eval(self, val_loss: float) -> None:
@@ -302,7 +315,7 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
     total = t.max_steps or max(1, math.ceil(steps_per_epoch * t.epochs))
     eval_every = steps_per_epoch if t.eval_every == "epoch" else t.eval_every
     optimizer = make_optimizer(s.model, t.lr, t.weight_decay)
-    sched = Schedule(optimizer, t.scheduler, total, math.ceil(t.warmup_ratio * total))
+    sched = Schedule(optimizer, t.scheduler, total, math.ceil(t.warmup_ratio * total), t.max_seconds)
     es = t.early_stopping
     trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
     res, p, best_state = Result(), Progress(), None
@@ -359,7 +372,7 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                         raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, checkpoints)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sched.step()
+                sched.step(p.elapsed + time.perf_counter() - start)
                 p.step += 1
                 p.seen += rows
                 bar.update(1)
