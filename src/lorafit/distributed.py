@@ -261,6 +261,17 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def from_main(self, value: float) -> float:
+        """Rank 0's value on every process (its clock, for a time-limited schedule that must stay the same everywhere)."""
+        if not self.active:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return t.item()
+
     def gather_rows(self, enc, predict):
         """Logits of every row of `enc`: each process predicts a length-balanced share, and all gather the shares."""
         import numpy as np

@@ -372,7 +372,8 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                         raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, checkpoints)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sched.step(p.elapsed + time.perf_counter() - start)
+                now = p.elapsed + time.perf_counter() - start
+                sched.step(d.from_main(now) if t.max_seconds else now)  # a time-limited schedule follows rank 0's clock everywhere
                 p.step += 1
                 p.seen += rows
                 bar.update(1)
