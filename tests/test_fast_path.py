@@ -99,7 +99,8 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model
     the full forward's; architectures it does not know (DistilBERT) keep their full forward."""
     from conftest import make_tiny_model
 
-    from lorafit.engine import collate, first_token_last_layer
+    from lorafit.engine import collate
+    from lorafit.fastpath import first_token_last_layer
     from lorafit.models import build_model, wrap
 
     folder = make_tiny_model(tmp_path / model_type, model_type)
@@ -133,3 +134,62 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model
     assert pruned_grads.keys() == full_grads.keys()
     for n in full_grads:
         torch.testing.assert_close(pruned_grads[n], full_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_fast_dropout_masks_have_the_asked_rate_in_every_lane_and_keep_the_mean():
+    """Four 16-bit lanes per 64-bit draw: each lane must drop at rate p (a lane with a stuck sign bit would
+    drop at 2p or 0), the kept values are scaled so the mean is unchanged, and the gradient uses the same mask."""
+    from lorafit.fastpath import dropout_mask, fast_dropout
+
+    torch.manual_seed(0)
+    for p in (0.1, 0.6):
+        keep, scale = dropout_mask(torch.Size([4, 1_000_000]), p, torch.device("cpu"))
+        lanes = keep.reshape(-1, 4).float().mean(0)
+        expected = 1 - round(p * 65536) / 65536
+        assert (lanes - expected).abs().max() < 0.003, lanes  # 4 million draws: the sampling error is ~0.0005
+        assert scale == pytest.approx(1 / expected)
+    x = torch.full((2_000_000,), 3.0, requires_grad=True)
+    y = fast_dropout(x, 0.6)
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(3.0 * scale)
+    assert y.mean().item() == pytest.approx(3.0, rel=0.01)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad != 0, y != 0) and torch.allclose(x.grad[y != 0], torch.tensor(scale))
+    # the default generator drives it: a seed reproduces the masks
+    torch.manual_seed(5)
+    a = fast_dropout(torch.ones(1000), 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(a, fast_dropout(torch.ones(1000), 0.3))
+
+
+def test_lorafit_sdpa_is_sdpa_when_nothing_is_dropped():
+    """The attention path with dropout: at a drop probability that rounds to zero it must compute exactly what
+    transformers' SDPA attention does, padding mask included (a wrongly signed mask would show here)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorafit.fastpath import sdpa_fast_dropout
+
+    torch.manual_seed(0)
+    b, h, t, d = 3, 2, 7, 8
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    pad = torch.ones(b, t, dtype=torch.long)
+    pad[0, 4:] = 0
+    pad[2, 2:] = 0
+    mask = pad.bool()[:, None, None, :].expand(b, 1, t, t)  # what transformers' sdpa_mask gives an encoder: True = attend
+    module = torch.nn.Module()
+    module.is_causal = False
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=d ** -0.5)
+    got, _ = sdpa_fast_dropout(module, q, k, v, mask, dropout=1e-9, scaling=d ** -0.5)  # takes the dropout path, drops nothing
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_switches_apply_to_the_model(tiny_bert, small_csv):
+    from lorafit.fastpath import ATTENTION, FastDropout
+    from lorafit.train import setup
+
+    s = setup(_tiny(tiny_bert, small_csv))
+    assert s.model.config._attn_implementation == ATTENTION
+    assert not any(type(m) is torch.nn.Dropout for m in s.model.modules())
+    assert any(isinstance(m, FastDropout) for m in s.model.modules())
+    off = setup(_tiny(tiny_bert, small_csv, "train.fast_dropout=false"))
+    assert off.model.config._attn_implementation == "sdpa" and not any(isinstance(m, FastDropout) for m in off.model.modules())

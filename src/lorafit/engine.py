@@ -76,42 +76,6 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-    """A BERT/RoBERTa layer that computes only the first token's output (the one every classification head reads).
-
-    Keys and values still come from every token; the query, attention output and feed-forward run on one row
-    per text instead of all of them. The result for that row is the same as the full layer's.
-    """
-    att = self.attention.self
-    b, t, _ = hidden_states.shape
-    heads, size = att.num_attention_heads, att.attention_head_size
-    first = hidden_states[:, :1]
-    q = att.query(first).view(b, 1, heads, size).transpose(1, 2)
-    k = att.key(hidden_states).view(b, t, heads, size).transpose(1, 2)
-    v = att.value(hidden_states).view(b, t, heads, size).transpose(1, 2)
-    mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (b, 1, t, t) -> (b, 1, 1, t)
-    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=att.dropout.p if self.training else 0.0, scale=att.scaling)
-    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
-    return self.feed_forward_chunk(self.attention.output(ctx, first))
-
-
-FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta")
-
-
-def first_token_last_layer(model: nn.Module) -> bool:
-    """Let the last encoder layer compute only the first token, for models whose classification head reads
-    only that token (BERT, RoBERTa): about a sixth less work for a 6-layer model, a twelfth for 12 layers.
-    Returns whether it applied; other architectures keep their full forward."""
-    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
-        return False
-    layers = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(x, "feed_forward_chunk") for x in m)]
-    if len(layers) != 1 or not hasattr(layers[0][-1].attention, "self") or model.config._attn_implementation not in ("sdpa", "eager"):
-        return False
-    last = layers[0][-1]
-    last.forward = _first_token_forward.__get__(last)
-    return True
-
-
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -261,7 +261,7 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     """
     from peft import PeftModel
 
-    from .engine import first_token_last_layer, pick_device, resolve_precision, store_frozen_in
+    from .engine import pick_device, resolve_precision, store_frozen_in
     from .models import build_model, load_tokenizer
 
     folder = Path(folder)
@@ -278,6 +278,8 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     model.eval()
     store_frozen_in(model, dtype)
     if cfg.train.skip_unused_tokens:
+        from .fastpath import first_token_last_layer
+
         first_token_last_layer(model)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)

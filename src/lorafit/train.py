@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import budget as budget_mod
-from . import distributed
+from . import distributed, fastpath
 from .atomic import atomic_write_text
 from .checkpoint import RESUME_OVERRIDES, Checkpoints, rng_state, set_rng_state
 from .config import Config, save_config
@@ -27,7 +27,6 @@ from .engine import (
     autocast,
     collate,
     encode,
-    first_token_last_layer,
     pick_device,
     predict_logits,
     resolve_precision,
@@ -113,12 +112,11 @@ def setup(cfg: Config) -> Setup:
         raise RuntimeError(f"budget mismatch: computed {b.total} but the wrapped model trains {counted} parameters")
     model.to(device)
     store_frozen_in(model, dtype)
-    if cfg.train.skip_unused_tokens:
-        first_token_last_layer(model)
+    fast = fastpath.apply(model, cfg.train)
     log(
         f"data: {len(train_enc)} train / {len(val_enc)} val" + (f" / {len(test_enc)} test" if test_enc else "")
         + f" rows, {len(data.label_names)} classes; device {device.type}, compute {str(dtype).replace('torch.', '')}, "
-        f"{torch.get_num_threads()} threads; {counted:,} trainable parameters"
+        f"{torch.get_num_threads()} threads; {counted:,} trainable parameters" + (f"; {', '.join(fast)}" if fast else "")
     )
     return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc)
 

@@ -1,0 +1,177 @@
+"""Work the classifier does not need, removed without changing what it computes.
+
+- Dropout masks on CPU: `torch.nn.Dropout` draws one Bernoulli sample per element from the CPU generator, and with
+  hidden, attention and LoRA dropout that was a third of a MiniLM training step on this machine. Here one 64-bit
+  draw gives four 16-bit uniforms, so a mask costs a quarter of the generator calls; the drop probability is
+  rounded to a multiple of 1/65536 and the kept values are scaled by the exact 1/(1 - p) of that probability.
+  Masks come from torch's default generator, so `torch.manual_seed` and checkpointed RNG states reproduce them.
+- Attention dropout on CPU: with dropout, SDPA falls back to its unfused math path anyway; the same math with the
+  cheaper masks (`lorafit_sdpa`, registered with transformers' attention interface). Without dropout (evaluation,
+  prediction) it is plain SDPA.
+- The last encoder layer of BERT/RoBERTa computes only the first token, the only one the head reads.
+
+On CUDA, dropout stays torch's own (its Philox generator is already cheap there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_LEVELS = 1 << 16
+
+
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask with P(drop) = round(p * 65536) / 65536, and the scale 1 / P(keep)."""
+    n = math.prod(shape)
+    drop = round(p * _LEVELS)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)
+    keep = bits.view(torch.int16)[:n].view(shape) >= drop - (1 << 15)  # the int16 values are uniform on [-32768, 32767]
+    return keep, _LEVELS / (_LEVELS - drop)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale in one pass each way (the op torch's own dropout uses for its backward)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+
+
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    if p <= 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    keep, scale = dropout_mask(x.shape, p, x.device)
+    return _MaskedScale.apply(x, keep, scale)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with cheaper masks on CPU; torch's own dropout elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return fast_dropout(x, self.p)
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every nn.Dropout in the model (hidden, classifier, LoRA) for FastDropout; returns how many.
+
+    The instances keep their p and train/eval state; only their class changes, so module names, state dicts
+    and peft's own checks (which look for nn.Identity, not nn.Dropout) are unaffected.
+    """
+    swapped = 0
+    for m in model.modules():
+        if type(m) is nn.Dropout:
+            m.__class__ = FastDropout
+            swapped += 1
+    return swapped
+
+
+def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, with attention dropout on CPU done by the math path and the cheaper masks."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if dropout == 0.0 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(fast_dropout(probs, dropout), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ATTENTION = "lorafit_sdpa"
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, sdpa_fast_dropout)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_fast_attention_dropout(model: nn.Module) -> bool:
+    """Point an SDPA model's attention at `lorafit_sdpa`; returns whether it applied."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not any(p > 0 for p in _attention_dropouts(model)):
+        return False
+    register_attention()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(ATTENTION)
+    return config._attn_implementation == ATTENTION or base.config._attn_implementation == ATTENTION
+
+
+def _attention_dropouts(model: nn.Module):
+    for m in model.modules():
+        if hasattr(m, "attention_head_size") and isinstance(getattr(m, "dropout", None), nn.Dropout):
+            yield m.dropout.p
+
+
+def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    """A BERT/RoBERTa layer that computes only the first token's output (the one every classification head reads).
+
+    Keys and values still come from every token; the query, attention output and feed-forward run on one row
+    per text instead of all of them. The result for that row is the same as the full layer's.
+    """
+    att = self.attention.self
+    b, t, _ = hidden_states.shape
+    heads, size = att.num_attention_heads, att.attention_head_size
+    first = hidden_states[:, :1]
+    q = att.query(first).view(b, 1, heads, size).transpose(1, 2)
+    k = att.key(hidden_states).view(b, t, heads, size).transpose(1, 2)
+    v = att.value(hidden_states).view(b, t, heads, size).transpose(1, 2)
+    mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (b, 1, t, t) -> (b, 1, 1, t)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=att.dropout.p if self.training else 0.0, scale=att.scaling)
+    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
+    return self.feed_forward_chunk(self.attention.output(ctx, first))
+
+
+FIRST_TOKEN_HEADS = ("bert", "roberta", "xlm-roberta")
+
+
+def first_token_last_layer(model: nn.Module) -> bool:
+    """Let the last encoder layer compute only the first token, for models whose classification head reads
+    only that token (BERT, RoBERTa): about a sixth less work for a 6-layer model, a twelfth for 12 layers.
+    Returns whether it applied; other architectures keep their full forward."""
+    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
+        return False
+    layers = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(x, "feed_forward_chunk") for x in m)]
+    if len(layers) != 1 or not hasattr(layers[0][-1].attention, "self"):
+        return False
+    last = layers[0][-1]
+    last.forward = _first_token_forward.__get__(last)
+    return True
+
+
+def apply(model: nn.Module, train) -> list[str]:
+    """Switch on what the `train` config section asks for and this model supports; returns what is in effect."""
+    on = []
+    if train.fast_dropout:
+        if use_fast_dropout(model):
+            on.append("fast dropout masks")
+        if use_fast_attention_dropout(model):
+            on.append("attention dropout via lorafit_sdpa")
+    if train.skip_unused_tokens and first_token_last_layer(model):
+        on.append("first-token-only last layer")
+    return on
