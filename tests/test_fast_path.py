@@ -193,3 +193,44 @@ def test_fast_path_switches_apply_to_the_model(tiny_bert, small_csv):
     assert any(isinstance(m, FastDropout) for m in s.model.modules())
     off = setup(_tiny(tiny_bert, small_csv, "train.fast_dropout=false"))
     assert off.model.config._attn_implementation == "sdpa" and not any(isinstance(m, FastDropout) for m in off.model.modules())
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.5])
+def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropout, one_thread):
+    """train.fast_dora reorders DoRA's arithmetic (scales in fp32, cast once); in fp32 the logits and every
+    gradient (magnitudes included) must be peft's, with and without LoRA dropout (which takes the extra
+    base-matmul path); in bf16 it must stay close to fp32."""
+    from lorafit.engine import autocast, collate
+    from lorafit.fastpath import use_fast_dora
+    from lorafit.models import build_model, load_tokenizer, wrap
+
+    cfg = _tiny(tiny_bert, small_csv, f"lora.dropout={lora_dropout}", "lora.target_modules=all-linear", "lora.use_rslora=true")
+    model = wrap(build_model(cfg, 4), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            if "lora_magnitude" in n:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    tok = load_tokenizer(str(tiny_bert))
+    texts = ["short", "a somewhat longer text about markets, oil and the weather", "one two three four five"]
+    batch = collate(encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu"))
+
+    def run_once(dtype=torch.float32):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same dropout masks for both versions
+        with autocast(torch.device("cpu"), dtype):
+            out = model(**batch).logits.float()
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()
+    want, want_grads = run_once()
+    swapped = use_fast_dora(model)
+    assert swapped > 0 and swapped == sum(1 for n, _ in model.named_modules() if n.endswith("lora_magnitude_vector.default"))
+    got, got_grads = run_once()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n in want_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    low, _ = run_once(torch.bfloat16)
+    torch.testing.assert_close(low, want, atol=0.05, rtol=0.05)

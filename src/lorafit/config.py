@@ -128,6 +128,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     fast_dropout: bool = Field(True, description="CPU: dropout masks from a quarter of the random draws torch.nn.Dropout makes (p rounded to 1/65536), attention dropout included; same distribution, a third less time per step.")
+    fast_dora: bool = Field(True, description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.")
     skip_unused_tokens: bool = Field(True, description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).")
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
     checkpoint_every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")

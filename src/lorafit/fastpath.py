@@ -32,19 +32,18 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[tor
     return keep, _LEVELS / (_LEVELS - drop)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale in one pass each way (the op torch's own dropout uses for its backward)."""
+class _Scale(torch.autograd.Function):
+    """x * mask, where the mask already holds 0 or 1/P(keep) in x's dtype: one pass each way, no casts."""
 
     @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x * mask
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -53,7 +52,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return torch.zeros_like(x)
     keep, scale = dropout_mask(x.shape, p, x.device)
-    return _MaskedScale.apply(x, keep, scale)
+    return _Scale.apply(x, keep.to(x.dtype) * scale)
 
 
 class FastDropout(nn.Dropout):
@@ -126,6 +125,41 @@ def _attention_dropouts(model: nn.Module):
             yield m.dropout.p
 
 
+def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+    """peft's DoRA output term, (m / ||W + s·BA|| - 1) · W x + (m / ||W + s·BA||) · s · B A x, with the per-channel
+    scales computed in fp32 and cast once to the compute dtype. peft multiplies the fp32 magnitude straight into
+    the bf16 activations, which turns every adapted layer's output into fp32 and back, in both passes; it also
+    takes the norm of a bf16 copy of W + s·BA, which leaves m / ||.|| - 1 off by up to 2^-8 where it should be 0."""
+    from peft.utils.integrations import dequantize_module_weight
+    from peft.utils.other import transpose
+
+    weight = dequantize_module_weight(base_layer)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the norm is a constant (DoRA paper, 4.3)
+        full = transpose(weight, self.fan_in_fan_out).float() + scaling * (lora_B.weight.float() @ lora_A.weight.float())
+        weight_norm = torch.linalg.norm(full, dim=1)
+    scale = self.weight / weight_norm  # fp32, and the magnitude's gradient flows through it
+    lora_result = lora_B(lora_A(x))
+    if base_result is not None:
+        if base_layer.bias is not None:
+            base_result = base_result - base_layer.bias
+    else:
+        base_result = torch.nn.functional.linear(x, transpose(weight, self.fan_in_fan_out))
+    dtype = lora_result.dtype
+    return (scale - 1).to(dtype) * base_result + (scale * scaling).to(dtype) * lora_result
+
+
+def use_fast_dora(model: nn.Module) -> int:
+    """Give every DoRA linear layer the forward above; returns how many. State dicts, merging and saving are peft's."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    n = 0
+    for m in model.modules():
+        if type(m) is DoraLinearLayer:
+            m.forward = _dora_forward.__get__(m)
+            n += 1
+    return n
+
+
 def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
     """A BERT/RoBERTa layer that computes only the first token's output (the one every classification head reads).
 
@@ -172,6 +206,8 @@ def apply(model: nn.Module, train) -> list[str]:
             on.append("fast dropout masks")
         if use_fast_attention_dropout(model):
             on.append("attention dropout via lorafit_sdpa")
+    if train.fast_dora and use_fast_dora(model):
+        on.append("DoRA scales in the compute dtype")
     if train.skip_unused_tokens and first_token_last_layer(model):
         on.append("first-token-only last layer")
     return on
