@@ -112,7 +112,7 @@ class EarlyStoppingConfig(Section):
 class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(32, gt=0, description="Training examples per step and device.")
-    eval_batch_size: int = Field(128, gt=0, description="Examples per evaluation batch.")
+    eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation and prediction batch (length-sorted).")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
