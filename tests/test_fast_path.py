@@ -29,6 +29,16 @@ def test_train_batches_cover_every_row_once_and_group_lengths():
     assert any(not np.array_equal(a, b) for a, b in zip(batches, other))
 
 
+def test_collate_pads_each_row_to_the_longest_on_the_right():
+    from lorafit.engine import Encoded, collate
+
+    enc = Encoded([[5, 6, 7], [8], [9, 10, 11, 12, 13]], np.zeros(3, dtype=np.int64))
+    batch = collate(enc, np.array([2, 0, 1]), pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].tolist() == [[9, 10, 11, 12, 13], [5, 6, 7, 0, 0], [8, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+
+
 def test_eval_batches_are_length_sorted():
     lengths = np.array([3, 50, 7, 20, 9])
     order = np.concatenate(eval_batches(lengths, 2))

@@ -96,7 +96,9 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
     t = time.perf_counter()
     pred = trainer.predict(test_ds)
     predict_s = time.perf_counter() - t
-    acc = float((pred.predictions.argmax(-1) == test_labels).mean())
+    # with train_sampling_strategy='group_by_length', transformers 5 also length-groups predict(): the predictions
+    # come back out of dataset order, with label_ids in that same order
+    acc = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
     return dict(steps=steps, samples=min(steps * BATCH, len(texts) * math.ceil(steps * BATCH / len(texts))), train_s=train_s, predict_s=predict_s, accuracy=acc, model_config=model.config)
 
 

@@ -56,6 +56,26 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+@lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Batches of varying length leave the heap fragmented with
+    free blocks of every size, and peak RSS creeps up over the first minutes of training; trimming every few
+    steps keeps it flat for a fraction of a percent of the step time."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 ADAPTER_KEYS = ("lora_", "modules_to_save")
 
 

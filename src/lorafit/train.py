@@ -29,6 +29,7 @@ from .engine import (
     encode,
     pick_device,
     predict_logits,
+    release_free_memory,
     resolve_precision,
     set_threads,
     store_frozen_in,
@@ -370,6 +371,8 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                         raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, checkpoints)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if s.device.type == "cpu" and (p.step + 1) % 16 == 0:
+                    release_free_memory()
                 now = p.elapsed + time.perf_counter() - start
                 sched.step(d.from_main(now) if t.max_seconds else now)  # a time-limited schedule follows rank 0's clock everywhere
                 p.step += 1
