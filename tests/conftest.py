@@ -116,3 +116,22 @@ def tiny_run(tiny_bert, ag_sample, tmp_path_factory) -> Path:
     run(cfg, root / "run")
     torch.set_num_threads(threads)
     return root / "run"
+
+
+# Comparing runs: everything but the wall-clock fields must match (tests/test_resume.py, tests/test_distributed.py).
+TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s"}
+
+
+def untimed(x):
+    """Metrics or history without the wall-clock fields."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k not in TIMING_KEYS}
+    if isinstance(x, list):
+        return [untimed(v) for v in x]
+    return x
+
+
+def history(folder: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import history, untimed
 
 pytestmark = pytest.mark.slow
 
@@ -35,23 +36,11 @@ SETTINGS = [  # 128 rows, 16 per step over both processes: 8 steps per epoch, 2 
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s"}
 
 
 def sets(*items: str) -> list[str]:
     return sum((["--set", item] for item in items), [])
 
-
-def untimed(x):
-    if isinstance(x, dict):
-        return {k: untimed(v) for k, v in x.items() if k not in TIMING_KEYS}
-    if isinstance(x, list):
-        return [untimed(v) for v in x]
-    return x
-
-
-def history(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
 
 
 def error_lines(stderr: str) -> list[str]:

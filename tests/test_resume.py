@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import history, untimed
 from safetensors.torch import load_file
 
 from lorafit.checkpoint import Checkpoints
@@ -31,7 +32,6 @@ from lorafit.train import Schedule, make_optimizer, run
 
 from test_train import tiny_cfg
 
-TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s"}
 
 
 @pytest.fixture(autouse=True)
@@ -51,17 +51,6 @@ def crash_at(step: int):
     return on_eval
 
 
-def untimed(x):
-    """Metrics or history without the wall-clock fields."""
-    if isinstance(x, dict):
-        return {k: untimed(v) for k, v in x.items() if k not in TIMING_KEYS}
-    if isinstance(x, list):
-        return [untimed(v) for v in x]
-    return x
-
-
-def history(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
 
 
 def assert_same_run(a: Path, b: Path, atol: float = 0.0) -> float:
