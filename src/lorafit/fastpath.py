@@ -8,6 +8,8 @@
 - Attention dropout on CPU: with dropout, SDPA falls back to its unfused math path anyway; the same math with the
   cheaper masks (`lorafit_sdpa`, registered with transformers' attention interface). Without dropout (evaluation,
   prediction) it is plain SDPA.
+- DoRA's per-channel scales are computed in fp32 and cast once to the compute dtype, instead of peft's fp32
+  magnitude turning every adapted layer's bf16 output into fp32 and back.
 - The last encoder layer of BERT/RoBERTa computes only the first token, the only one the head reads.
 
 On CUDA, dropout stays torch's own (its Philox generator is already cheap there).
@@ -26,7 +28,7 @@ _LEVELS = 1 << 16
 def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """A boolean keep-mask with P(drop) = round(p * 65536) / 65536, and the scale 1 / P(keep)."""
     n = math.prod(shape)
-    drop = round(p * _LEVELS)
+    drop = min(round(p * _LEVELS), _LEVELS - 1)  # p within 2^-17 of 1 keeps one value in 65536
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)
     keep = bits.view(torch.int16)[:n].view(shape) >= drop - (1 << 15)  # the int16 values are uniform on [-32768, 32767]
     return keep, _LEVELS / (_LEVELS - drop)
