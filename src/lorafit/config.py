@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import LorafitError
 
@@ -76,22 +76,13 @@ class LoraConfig(Section):
     def _check_target_regex(cls, v):
         return _check_regex(v) if isinstance(v, str) and v != "all-linear" else v
 
-    @field_validator("rank_pattern")
+    @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
-    def _check_ranks(cls, v: dict[str, int]) -> dict[str, int]:
-        bad = {k: r for k, r in v.items() if r <= 0}
+    def _check_patterns(cls, v: dict, info: ValidationInfo) -> dict:
+        """Keys are regexes over module names, values positive ranks or alphas."""
+        bad = {k: x for k, x in v.items() if x <= 0}
         if bad:
-            raise ValueError(f"ranks must be positive, found {bad}")
-        for k in v:
-            _check_regex(k)
-        return v
-
-    @field_validator("alpha_pattern")
-    @classmethod
-    def _check_alphas(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: a for k, a in v.items() if a <= 0}
-        if bad:
-            raise ValueError(f"alphas must be positive, found {bad}")
+            raise ValueError(f"{'ranks' if info.field_name == 'rank_pattern' else 'alphas'} must be positive, found {bad}")
         for k in v:
             _check_regex(k)
         return v
