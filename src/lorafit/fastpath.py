@@ -118,7 +118,7 @@ def use_fast_attention_dropout(model: nn.Module) -> bool:
     register_attention()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(ATTENTION)
-    return config._attn_implementation == ATTENTION or base.config._attn_implementation == ATTENTION
+    return base.config._attn_implementation == ATTENTION  # a PeftModel's config is its base model's
 
 
 def _attention_dropouts(model: nn.Module):
