@@ -37,6 +37,26 @@ def test_collate_pads_each_row_to_the_longest_on_the_right():
     assert batch["input_ids"].tolist() == [[9, 10, 11, 12, 13], [5, 6, 7, 0, 0], [8, 0, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+    # rounded up to a multiple (train.pad_to_multiple_of): extra padding, and none when the width is already one
+    wide = collate(enc, np.array([2, 0, 1]), pad_id=0, device=torch.device("cpu"), multiple=4)
+    assert wide["input_ids"].tolist() == [[9, 10, 11, 12, 13, 0, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    assert wide["attention_mask"].sum(1).tolist() == [5, 3, 1]
+    assert collate(enc, np.array([0, 1]), pad_id=0, device=torch.device("cpu"), multiple=3)["input_ids"].shape == (2, 3)
+
+
+def test_padding_to_a_multiple_leaves_the_logits_unchanged(tiny_bert, small_csv, one_thread):
+    from transformers import AutoTokenizer
+
+    from lorafit.engine import collate
+    from lorafit.models import build_model, wrap
+
+    cfg = _tiny(tiny_bert, small_csv, "train.precision=fp32")
+    model = wrap(build_model(cfg, 4), cfg).eval()
+    enc = encode(AutoTokenizer.from_pretrained(tiny_bert), ["a short one", "a somewhat longer text about markets and games"], np.zeros(2, dtype=np.int64), 32)
+    with torch.no_grad():
+        a = model(**collate(enc, np.arange(2), 0, torch.device("cpu"))).logits
+        b = model(**collate(enc, np.arange(2), 0, torch.device("cpu"), multiple=16)).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_batches_are_length_sorted():
@@ -244,3 +264,45 @@ def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropou
         torch.testing.assert_close(got_grads[n], want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
     low, _ = run_once(torch.bfloat16)
     torch.testing.assert_close(low, want, atol=0.05, rtol=0.05)
+
+
+needs_bf16_cpu = pytest.mark.skipif(not (cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="packed weights are used only on CPUs with bf16 (AVX-512 BF16 or AMX) and oneDNN")
+
+
+@needs_bf16_cpu
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_linear_computes_the_linear_layer(gelu, one_thread):
+    from lorafit.fastpath import PackedLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    want = torch.nn.functional.gelu(want) if gelu else want
+    got = PackedLinear(lin, gelu=gelu)(x)
+    assert got.shape == (3, 7, 48) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2e-2)  # one bf16 rounding of an fp32-accumulated result
+    # a non-contiguous fp32 input (under autocast, the layer norm's output; the first-token slice) is cast like F.linear's
+    torch.testing.assert_close(PackedLinear(lin)(x.float()[:, :1]), PackedLinear(lin)(x[:, :1]))
+
+
+@needs_bf16_cpu
+def test_packed_prediction_matches_unpacked_and_is_switchable(tiny_bert, small_csv, tmp_path, one_thread):
+    from lorafit.fastpath import PackedLinear
+
+    run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "r")
+    packed = load_run(tmp_path / "r", merge=True)
+    assert not any(isinstance(m, PackedLinear) for m in load_run(tmp_path / "r").model.modules())  # unmerged (export): never
+    config = tmp_path / "r" / "config.yaml"
+    config.write_text(config.read_text().replace("pack_weights: true", "pack_weights: false"))
+    plain = load_run(tmp_path / "r", merge=True)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    n_linear = sum(type(m) is torch.nn.Linear for m in plain.model.modules())  # q, k, v, outputs, FFN, pooler, head
+    assert n_linear and sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == n_linear
+    assert sum(m.attr == "gelu" for m in packed.model.modules() if isinstance(m, PackedLinear)) == 2  # one FFN per layer
+    texts = [f"news item number {i} about markets and games " * (1 + i % 3) for i in range(40)]
+    enc = encode(plain.tokenizer, texts, np.zeros(40, dtype=np.int64), 32)
+    a = predict_logits(plain.model, enc, 16, plain.tokenizer.pad_token_id, plain.device, plain.dtype)
+    b = predict_logits(packed.model, enc, 16, packed.tokenizer.pad_token_id, packed.device, packed.dtype)
+    np.testing.assert_allclose(a, b, atol=0.05)  # bf16 rounding in another order (GELU fused before the cast)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95

@@ -120,11 +120,13 @@ def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> 
     return Encoded(ids=out["input_ids"], labels=np.asarray(labels, dtype=np.int64))
 
 
-def collate(enc: Encoded, index: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The rows `index` padded to their longest (right padding), with the attention mask."""
+def collate(enc: Encoded, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """The rows `index` padded to their longest, rounded up to a multiple of `multiple` (right padding), with the
+    attention mask."""
     rows = [enc.ids[i] for i in index]
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    mask = np.arange(lengths.max()) < lengths[:, None]
+    width = -(-int(lengths.max()) // multiple) * multiple
+    mask = np.arange(width) < lengths[:, None]
     ids = np.full(mask.shape, pad_id, dtype=np.int64)
     ids[mask] = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))  # row-major fill
     return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device)}

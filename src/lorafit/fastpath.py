@@ -11,6 +11,9 @@
 - DoRA's per-channel scales are computed in fp32 and cast once to the compute dtype, instead of peft's fp32
   magnitude turning every adapted layer's bf16 output into fp32 and back.
 - The last encoder layer of BERT/RoBERTa computes only the first token, the only one the head reads.
+- Prediction on CPU (a merged, frozen model): each linear layer's weight is reordered once into oneDNN's blocked
+  layout, and the GELU after a feed-forward layer is fused into its matmul; this is what torch.compile's freezing
+  pass does for these layers, without the compile.
 
 On CUDA, dropout stays torch's own (its Philox generator is already cheap there).
 """
@@ -21,6 +24,8 @@ import math
 
 import torch
 from torch import nn
+
+from .engine import cpu_has_bf16
 
 _LEVELS = 1 << 16
 
@@ -198,6 +203,58 @@ def first_token_last_layer(model: nn.Module) -> bool:
     last = layers[0][-1]
     last.forward = _first_token_forward.__get__(last)
     return True
+
+
+class PackedLinear(nn.Module):
+    """A frozen nn.Linear whose weight oneDNN has reordered once into its blocked layout, optionally with the
+    exact GELU that follows it fused into the matmul. Inference only: the packed weight has no gradient."""
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None), persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
+        self.register_buffer("bias", bias, persistent=False)
+        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.packed_weight.dtype)  # under autocast, what F.linear's input would be cast to
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.attr, [], self.algorithm)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.packed_weight.dtype}, fused={self.attr}"
+
+
+def _can_pack(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return type(module) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad
+
+
+def pack_linear_layers(model: nn.Module) -> int:
+    """Swap every frozen bf16 nn.Linear of a CPU model for a PackedLinear, fusing exact GELU into BERT/RoBERTa's
+    feed-forward layers; returns how many were swapped (0 where oneDNN or its bf16 ops are missing).
+
+    For prediction only (a merged model, no gradients). bf16 only: that is where the packed layout measured faster
+    here (~15% on a whole MiniLM prediction); fp32 linears keep torch's MKL path."""
+    from transformers.activations import GELUActivation
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
+        return 0
+    n = 0
+    for m in model.modules():
+        act = getattr(m, "intermediate_act_fn", None)
+        if type(act) is GELUActivation and act.act is torch.nn.functional.gelu and _can_pack(getattr(m, "dense", None)):
+            m.dense, m.intermediate_act_fn = PackedLinear(m.dense, gelu=True), nn.Identity()
+            n += 1
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if _can_pack(child):
+                setattr(m, name, PackedLinear(child))
+                n += 1
+    return n
 
 
 def apply(model: nn.Module, train) -> list[str]:

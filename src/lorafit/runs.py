@@ -257,7 +257,8 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     """The saved adapter and head on top of a freshly loaded base model, ready for inference.
 
     merge=True folds the adapter into the base weights (in fp32, before any bf16 cast): prediction then costs
-    exactly the base model's matmuls. Logits match the unmerged model up to float rounding.
+    exactly the base model's matmuls, and on a bf16 CPU the linear weights are packed for oneDNN
+    (`train.pack_weights`); such a model is for inference only. Logits match the unmerged model up to float rounding.
     """
     from peft import PeftModel
 
@@ -277,9 +278,11 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     model.to(device)
     model.eval()
     store_frozen_in(model, dtype)
-    if cfg.train.skip_unused_tokens:
-        from .fastpath import first_token_last_layer
+    from .fastpath import first_token_last_layer, pack_linear_layers
 
+    if cfg.train.skip_unused_tokens:
         first_token_last_layer(model)
+    if merge and cfg.train.pack_weights:
+        pack_linear_layers(model)  # after merging: the packed weights are final
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)

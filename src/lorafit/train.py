@@ -39,6 +39,8 @@ from .errors import LorafitError
 from .metrics import classification_metrics
 from .models import build_model, load_tokenizer, wrap
 
+TRIM_EVERY = 16  # optimizer steps between returns of freed heap memory to the OS (CPU)
+
 
 def log(msg: str) -> None:
     if distributed.current().main:  # one copy of every message in a multi-process run
@@ -290,7 +292,7 @@ def _numerical_fault(s: Setup, what: str, value: float, step: int, epoch: int, c
 
 
 def _batch_loss(s: Setup, index) -> torch.Tensor:
-    batch = collate(s.train_enc, index, s.tokenizer.pad_token_id, s.device)
+    batch = collate(s.train_enc, index, s.tokenizer.pad_token_id, s.device, s.cfg.train.pad_to_multiple_of)
     labels = torch.from_numpy(s.train_enc.labels[index]).to(s.device)
     with autocast(s.device, s.dtype):
         logits = s.model(**batch).logits
@@ -371,7 +373,7 @@ def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints:
                         raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, checkpoints)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if s.device.type == "cpu" and (p.step + 1) % 16 == 0:
+                if s.device.type == "cpu" and (p.step + 1) % TRIM_EVERY == 0:
                     release_free_memory()
                 now = p.elapsed + time.perf_counter() - start
                 sched.step(d.from_main(now) if t.max_seconds else now)  # a time-limited schedule follows rank 0's clock everywhere
