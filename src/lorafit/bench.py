@@ -251,7 +251,8 @@ def _write_section(out: Path, text: str, train_samples: int, predict_samples: in
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}.\n"
         f"Model all-MiniLM-L6-v2 (builtin:minilm); adapter DoRA + rsLoRA r 4, alpha 8, dropout 0.6 on query/value; batch 32, lr 2e-4, cosine, warm-up 10%; "
         f"prediction and accuracy on the first {predict_samples} rows of builtin:ag_news_sample_test.\n"
-        f"Reproduce: `lorafit bench" + (f" --budget-minutes {minutes:g}" if minutes else f" --train-samples {train_samples}") + "`\n\n" + text + "\n"
+        f"Reproduce: `lorafit bench" + (f" --budget-minutes {minutes:g}" if minutes else f" --train-samples {train_samples}")
+        + (f" --predict-samples {predict_samples}" if predict_samples != 1000 else "") + "`\n\n" + text + "\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.read_text() if out.exists() else "# Benchmarks\n\nWritten by `lorafit bench`; ratios are against the reference pipeline measured in the same run.\n"
