@@ -355,3 +355,20 @@ def test_sigkilled_training_resumes_bf16(tiny_bert, ag_sample, tmp_path, capsys)
     # kernels that pick their reduction order at run time (other CPUs, GPUs)
     ref, out = _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, "bf16")
     assert assert_same_run(ref, out, atol=1e-3) <= 1e-3
+
+
+def test_runs_saved_before_pad_to_multiple_of_resume_with_their_own_padding(tmp_path):
+    """A run whose config.yaml predates train.pad_to_multiple_of padded to the longest text only; resuming it with
+    the new default (8) would continue a different training."""
+    from lorafit.config import load_config, save_config
+    from lorafit.runs import resume_config
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / INCOMPLETE).write_text("")
+    save_config(load_config(None, []), run / "config.yaml")
+    assert resume_config(run).train.pad_to_multiple_of == 8
+    text = (run / "config.yaml").read_text()
+    assert "  pad_to_multiple_of: 8\n" in text
+    (run / "config.yaml").write_text(text.replace("  pad_to_multiple_of: 8\n", ""))
+    assert resume_config(run).train.pad_to_multiple_of == 1

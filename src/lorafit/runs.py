@@ -223,7 +223,11 @@ def resume_config(folder: Path, overrides: list[str] = ()) -> Config:
     path = folder / "config.yaml"
     if not path.is_file():
         raise LorafitError(f"--resume {folder}: the run was interrupted before it saved config.yaml, so it cannot be resumed; start it again with -o {folder} --overwrite")
-    data = apply_overrides(read_yaml(path), list(overrides))
+    data = read_yaml(path)
+    train = data.get("train") if isinstance(data, dict) else None
+    if isinstance(train, dict) and "pad_to_multiple_of" not in train:
+        train["pad_to_multiple_of"] = 1  # saved before the key existed: such runs padded to the longest text only
+    data = apply_overrides(data, list(overrides))
     return validate(data, str(path) + (" with --set overrides" if overrides else ""))
 
 
