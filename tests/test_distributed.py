@@ -42,7 +42,6 @@ def sets(*items: str) -> list[str]:
     return sum((["--set", item] for item in items), [])
 
 
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("lorafit: error:")]
 

@@ -33,7 +33,6 @@ from lorafit.train import Schedule, make_optimizer, run
 from test_train import tiny_cfg
 
 
-
 @pytest.fixture(autouse=True)
 def no_report(monkeypatch):
     """report.html (matplotlib) costs seconds per run and plays no part here."""
@@ -49,8 +48,6 @@ def crash_at(step: int):
         if row["step"] == step:
             raise Crash(f"crash at step {step}")
     return on_eval
-
-
 
 
 def assert_same_run(a: Path, b: Path, atol: float = 0.0) -> float:

@@ -244,15 +244,15 @@ def pack_linear_layers(model: nn.Module) -> int:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
         return 0
     n = 0
-    for m in model.modules():
-        act = getattr(m, "intermediate_act_fn", None)
-        if type(act) is GELUActivation and act.act is torch.nn.functional.gelu and _can_pack(getattr(m, "dense", None)):
-            m.dense, m.intermediate_act_fn = PackedLinear(m.dense, gelu=True), nn.Identity()
-            n += 1
     for m in list(model.modules()):
+        act = getattr(m, "intermediate_act_fn", None)
+        fusable = type(act) is GELUActivation and act.act is torch.nn.functional.gelu  # BERT/RoBERTa's intermediate: dense, then GELU
         for name, child in list(m.named_children()):
             if _can_pack(child):
-                setattr(m, name, PackedLinear(child))
+                gelu = fusable and name == "dense"
+                setattr(m, name, PackedLinear(child, gelu=gelu))
+                if gelu:
+                    m.intermediate_act_fn = nn.Identity()
                 n += 1
     return n
 
