@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tiny_model(folder: Path, model_type: str = "bert") -> Path:
-    """A 2-layer, 32-wide random encoder of the given type, saved with the MiniLM tokenizer."""
+def make_tiny_model(folder: Path, model_type: str = "bert", hidden: int = 32) -> Path:
+    """A 2-layer random encoder of the given type with 2 heads (32 wide unless told), saved with the MiniLM tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -26,7 +26,7 @@ def make_tiny_model(folder: Path, model_type: str = "bert") -> Path:
         cfg = AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=256, **common)
     else:
         extra = {"max_position_embeddings": 260, "type_vocab_size": 1} if model_type == "roberta" else {"max_position_embeddings": 256}
-        cfg = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **extra, **common)
+        cfg = AutoConfig.for_model(model_type, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2, **extra, **common)
     torch.manual_seed(0)
     AutoModel.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)

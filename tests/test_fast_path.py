@@ -192,12 +192,12 @@ def test_fast_dropout_masks_have_the_asked_rate_in_every_lane_and_keep_the_mean(
     assert torch.equal(a, fast_dropout(torch.ones(1000), 0.3))
 
 
-def test_lorafit_sdpa_is_sdpa_when_nothing_is_dropped():
+def test_lorafit_attention_is_sdpa_when_nothing_is_dropped():
     """The attention path with dropout: at a drop probability that rounds to zero it must compute exactly what
     transformers' SDPA attention does, padding mask included (a wrongly signed mask would show here)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lorafit.fastpath import sdpa_fast_dropout
+    from lorafit.fastpath import lorafit_attention
 
     torch.manual_seed(0)
     b, h, t, d = 3, 2, 7, 8
@@ -209,19 +209,19 @@ def test_lorafit_sdpa_is_sdpa_when_nothing_is_dropped():
     module = torch.nn.Module()
     module.is_causal = False
     want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=d ** -0.5)
-    got, _ = sdpa_fast_dropout(module, q, k, v, mask, dropout=1e-9, scaling=d ** -0.5)  # takes the dropout path, drops nothing
+    got, _ = lorafit_attention(module, q, k, v, mask, dropout=1e-9, scaling=d ** -0.5)  # takes the dropout path, drops nothing
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_switches_apply_to_the_model(tiny_bert, small_csv):
-    from lorafit.fastpath import ATTENTION, FastDropout
+    from lorafit.fastpath import ATTENTIONS, FastDropout
     from lorafit.train import setup
 
     s = setup(_tiny(tiny_bert, small_csv))
-    assert s.model.config._attn_implementation == ATTENTION
+    assert ATTENTIONS[s.model.config._attn_implementation][0]  # the variant with the cheap attention dropout
     assert not any(type(m) is torch.nn.Dropout for m in s.model.modules())
     assert any(isinstance(m, FastDropout) for m in s.model.modules())
-    off = setup(_tiny(tiny_bert, small_csv, "train.fast_dropout=false"))
+    off = setup(_tiny(tiny_bert, small_csv, "train.fast_dropout=false", "train.fast_attention=false"))
     assert off.model.config._attn_implementation == "sdpa" and not any(isinstance(m, FastDropout) for m in off.model.modules())
 
 

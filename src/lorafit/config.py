@@ -123,6 +123,7 @@ class TrainConfig(Section):
     fast_dora: bool = Field(True, description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.")
     skip_unused_tokens: bool = Field(True, description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).")
     pack_weights: bool = Field(True, description="Prediction and evaluation of a saved run on a bf16 CPU: each linear weight reordered once into oneDNN's blocked layout and exact GELU fused into the feed-forward matmul (same logits up to bf16 rounding, less time).")
+    fast_attention: bool = Field(True, description="Evaluation and prediction on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (same numerics as SDPA's flash attention, less time; SDPA where it cannot be built).")
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
     checkpoint_every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")
     keep_checkpoints: int = Field(2, gt=0, description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.")

@@ -6,8 +6,9 @@
   rounded to a multiple of 1/65536 and the kept values are scaled by the exact 1/(1 - p) of that probability.
   Masks come from torch's default generator, so `torch.manual_seed` and checkpointed RNG states reproduce them.
 - Attention dropout on CPU: with dropout, SDPA falls back to its unfused math path anyway; the same math with the
-  cheaper masks (`lorafit_sdpa`, registered with transformers' attention interface). Without dropout (evaluation,
-  prediction) it is plain SDPA.
+  cheaper masks (`lorafit_attention`, registered with transformers' attention interface).
+- Attention without dropout or gradient (evaluation, prediction) on a bf16 CPU: lorafit's kernel (kernels.py), the
+  same numerics as PyTorch's CPU flash attention at a fraction of its fixed cost per head.
 - DoRA's per-channel scales are computed in fp32 and cast once to the compute dtype, instead of peft's fp32
   magnitude turning every adapted layer's bf16 output into fp32 and back.
 - The last encoder layer of BERT/RoBERTa computes only the first token, the only one the head reads.
@@ -87,11 +88,17 @@ def use_fast_dropout(model: nn.Module) -> int:
     return swapped
 
 
-def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, with attention dropout on CPU done by the math path and the cheaper masks."""
+def lorafit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, *, cheap_dropout: bool = True, kernel: bool = False, **kwargs):
+    """transformers' SDPA attention, with two CPU shortcuts: attention dropout by the math path with the cheaper
+    masks (cheap_dropout), and inference calls (no dropout, no gradient, bf16) by lorafit's kernel (kernel)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or query.device.type != "cpu":
+    if kernel and dropout == 0.0 and not (getattr(module, "is_causal", False) or kwargs.get("is_causal")):
+        from . import kernels
+
+        if kernels.attention_applies(query, key, value, attention_mask):
+            return kernels.attention(query, key, value, attention_mask, scaling), None
+    if not cheap_dropout or dropout == 0.0 or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     if attention_mask is not None:
@@ -104,26 +111,41 @@ def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float 
     return out.transpose(1, 2).contiguous(), None
 
 
+# the registered variants of lorafit_attention: (cheap_dropout, kernel) by name
+ATTENTIONS = {"lorafit_sdpa": (True, False), "lorafit_kernel": (False, True), "lorafit_sdpa_kernel": (True, True)}
 ATTENTION = "lorafit_sdpa"
 
 
 def register_attention() -> None:
+    from functools import partial
+
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION, sdpa_fast_dropout)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    for name, (cheap_dropout, kernel) in ATTENTIONS.items():
+        AttentionInterface.register(name, partial(lorafit_attention, cheap_dropout=cheap_dropout, kernel=kernel))
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def use_fast_attention_dropout(model: nn.Module) -> bool:
-    """Point an SDPA model's attention at `lorafit_sdpa`; returns whether it applied."""
-    config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not any(p > 0 for p in _attention_dropouts(model)):
-        return False
+def use_lorafit_attention(model: nn.Module, cheap_dropout: bool, kernel: bool) -> str | None:
+    """Point an SDPA model's attention at the lorafit_attention variant that does what is asked and applies here:
+    cheap dropout where the model has attention dropout, the kernel where it is built and the model is on CPU.
+    Returns the variant's name, or None when nothing applies (the model keeps SDPA)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return None
+    cheap_dropout = cheap_dropout and any(p > 0 for p in _attention_dropouts(model))
+    params = list(model.parameters())
+    if kernel:  # the kernel takes bf16 only: a model stored in bf16 on the CPU
+        from .kernels import attention_kernel
+
+        kernel = all(p.device.type == "cpu" for p in params) and any(p.dtype == torch.bfloat16 for p in params) and attention_kernel() is not None
+    name = next((n for n, flags in ATTENTIONS.items() if flags == (cheap_dropout, kernel)), None)
+    if name is None:
+        return None
     register_attention()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTENTION)
-    return base.config._attn_implementation == ATTENTION  # a PeftModel's config is its base model's
+    base.set_attn_implementation(name)
+    return name if base.config._attn_implementation == name else None  # a PeftModel's config is its base model's
 
 
 def _attention_dropouts(model: nn.Module):
@@ -183,8 +205,14 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (b, 1, t, t) -> (b, 1, 1, t)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=att.dropout.p if self.training else 0.0, scale=att.scaling)
-    ctx = ctx.transpose(1, 2).reshape(b, 1, heads * size)
+    dropout = att.dropout.p if self.training else 0.0
+    impl = att.config._attn_implementation
+    if impl in ATTENTIONS:
+        cheap_dropout, kernel = ATTENTIONS[impl]
+        ctx = lorafit_attention(att, q, k, v, mask, dropout, att.scaling, cheap_dropout=cheap_dropout, kernel=kernel)[0]
+    else:
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=att.scaling).transpose(1, 2)
+    ctx = ctx.reshape(b, 1, heads * size)
     return self.feed_forward_chunk(self.attention.output(ctx, first))
 
 
@@ -260,11 +288,11 @@ def pack_linear_layers(model: nn.Module) -> int:
 def apply(model: nn.Module, train) -> list[str]:
     """Switch on what the `train` config section asks for and this model supports; returns what is in effect."""
     on = []
-    if train.fast_dropout:
-        if use_fast_dropout(model):
-            on.append("fast dropout masks")
-        if use_fast_attention_dropout(model):
-            on.append("attention dropout via lorafit_sdpa")
+    if train.fast_dropout and use_fast_dropout(model):
+        on.append("fast dropout masks")
+    attention = use_lorafit_attention(model, cheap_dropout=train.fast_dropout, kernel=train.fast_attention)
+    if attention:
+        on.append(f"attention via {attention}")
     if train.fast_dora and use_fast_dora(model):
         on.append("DoRA scales in the compute dtype")
     if train.skip_unused_tokens and first_token_last_layer(model):

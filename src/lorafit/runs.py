@@ -282,10 +282,12 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     model.to(device)
     model.eval()
     store_frozen_in(model, dtype)
-    from .fastpath import first_token_last_layer, pack_linear_layers
+    from .fastpath import first_token_last_layer, pack_linear_layers, use_lorafit_attention
 
     if cfg.train.skip_unused_tokens:
         first_token_last_layer(model)
+    if cfg.train.fast_attention:
+        use_lorafit_attention(model, cheap_dropout=False, kernel=True)
     if merge and cfg.train.pack_weights:
         pack_linear_layers(model)  # after merging: the packed weights are final
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
