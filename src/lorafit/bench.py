@@ -22,7 +22,7 @@ PIPELINES = ("reference", "tuned", "lorafit")
 DESCRIPTION = {
     "reference": "HF Trainer, padding='max_length' 128, fp32",
     "tuned": "HF Trainer, dynamic padding, bf16, group_by_length",
-    "lorafit": "lorafit default path (length-grouped, bf16-stored base, fast dropout and DoRA, first-token last layer, merged and packed prediction)",
+    "lorafit": "lorafit default path (length-grouped, bf16-stored base, fast dropout and DoRA, first-token last layer, merged and packed prediction, attention kernel)",
 }
 # The reference study's adapter: DoRA + rsLoRA, r 4, alpha 8, dropout 0.6, query/value, batch 32, lr 2e-4.
 REFERENCE_LORA = dict(r=4, alpha=8, dropout=0.6, target_modules=["query", "value"], use_dora=True, use_rslora=True, init="gaussian")
