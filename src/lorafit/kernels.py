@@ -6,7 +6,8 @@ of a MiniLM prediction. The kernel keeps a whole head in L1 cache and uses the b
 directly, with the same numerics (exact products, fp32 sums and softmax, probabilities rounded to bf16).
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into `~/.cache/lorafit` (or
-`$LORAFIT_CACHE_DIR`), about a second, and reused after that. Where it cannot run (no AVX-512 BF16, no compiler,
+`$LORAFIT_CACHE_DIR`), about a second, and reused after that. It links libgomp by soname, so in a process that
+imported torch it runs on torch's own OpenMP threads (torch.get_num_threads() of them), not on a second pool. Where it cannot run (no AVX-512 BF16, no compiler,
 a failed build, `LORAFIT_KERNELS=0`) callers get None and keep SDPA.
 """
 
