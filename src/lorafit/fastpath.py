@@ -206,10 +206,8 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     dropout = att.dropout.p if self.training else 0.0
-    impl = att.config._attn_implementation
-    if impl in ATTENTIONS:
-        cheap_dropout, kernel = ATTENTIONS[impl]
-        ctx = lorafit_attention(att, q, k, v, mask, dropout, att.scaling, cheap_dropout=cheap_dropout, kernel=kernel)[0]
+    if dropout == 0.0 and ATTENTIONS.get(att.config._attn_implementation, (False, False))[1]:  # the kernel, where it applies
+        ctx = lorafit_attention(att, q, k, v, mask, 0.0, att.scaling, cheap_dropout=False, kernel=True)[0]
     else:
         ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=att.scaling).transpose(1, 2)
     ctx = ctx.reshape(b, 1, heads * size)
