@@ -113,7 +113,6 @@ def lorafit_attention(module, query, key, value, attention_mask, dropout: float 
 
 # the registered variants of lorafit_attention: (cheap_dropout, kernel) by name
 ATTENTIONS = {"lorafit_sdpa": (True, False), "lorafit_kernel": (False, True), "lorafit_sdpa_kernel": (True, True)}
-ATTENTION = "lorafit_sdpa"
 
 
 def register_attention() -> None:
