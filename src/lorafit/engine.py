@@ -21,13 +21,17 @@ from .errors import LorafitError
 
 
 @lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return frozenset(f.read().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def pick_device() -> torch.device:

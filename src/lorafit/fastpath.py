@@ -133,10 +133,10 @@ def use_lorafit_attention(model: nn.Module, cheap_dropout: bool, kernel: bool) -
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return None
     cheap_dropout = cheap_dropout and any(p > 0 for p in _attention_dropouts(model))
-    params = list(model.parameters())
     if kernel:  # the kernel takes bf16 only: a model stored in bf16 on the CPU
         from .kernels import attention_kernel
 
+        params = list(model.parameters())
         kernel = all(p.device.type == "cpu" for p in params) and any(p.dtype == torch.bfloat16 for p in params) and attention_kernel() is not None
     name = next((n for n, flags in ATTENTIONS.items() if flags == (cheap_dropout, kernel)), None)
     if name is None:

@@ -7,8 +7,9 @@ directly, with the same numerics (exact products, fp32 sums and softmax, probabi
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into `~/.cache/lorafit` (or
 `$LORAFIT_CACHE_DIR`), about a second, and reused after that. It links libgomp by soname, so in a process that
-imported torch it runs on torch's own OpenMP threads (torch.get_num_threads() of them), not on a second pool. Where it cannot run (no AVX-512 BF16, no compiler,
-a failed build, `LORAFIT_KERNELS=0`) callers get None and keep SDPA.
+imported torch it runs on torch's own OpenMP threads (torch.get_num_threads() of them), not on a second pool.
+Where it cannot run (no AVX-512 BF16, no compiler, a failed build, `LORAFIT_KERNELS=0`) callers get None and keep
+SDPA.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .engine import cpu_flags
+
 SOURCE = Path(__file__).with_name("csrc") / "attention.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared")
 MAX_HEAD_DIM = 128  # MAX_D in attention.c
@@ -36,11 +39,7 @@ def cache_dir() -> Path:
 
 
 def cpu_supports() -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
 
 
 def _build(compiler: str) -> Path:
