@@ -95,8 +95,8 @@ def pytest_collection_modifyitems(config, items):
 
 TINY_RUN_SETTINGS = [  # a few fp32 steps on the tiny BERT: seconds, yet a real run folder
     "model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
-    "train.eval_batch_size=32", "train.max_steps=12", "train.eval_every=4", "train.precision=fp32", "train.lr=5e-3",
-    "data.val_fraction=0.2", "train.num_threads=1",  # one thread: tiny matmuls gain nothing from two, and lose a lot on a busy machine
+    "eval.batch_size=32", "train.max_steps=12", "eval.every=4", "train.precision=fp32", "train.lr=5e-3",
+    "data.val_fraction=0.2", "speed.num_threads=1",  # one thread: tiny matmuls gain nothing from two, and lose a lot on a busy machine
 ]
 
 
@@ -106,7 +106,7 @@ def tiny_run(tiny_bert, ag_sample, tmp_path_factory) -> Path:
     import torch
 
     from lorafit.config import load_config
-    from lorafit.train import run
+    from lorafit.training.recipe import run
 
     threads = torch.get_num_threads()  # training sets the thread count; give later tests back what they had
     root = tmp_path_factory.mktemp("tiny-run")

@@ -104,7 +104,7 @@ def test_bad_training_data(case, tmp_path, tiny_bert, capsys, cases_tried):
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     (tmp_path / "ok2.csv").write_text(GOOD + "x,maybe\n")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={tiny_bert}", f"data.source={path}", "train.num_threads=1", *extra))
+    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={tiny_bert}", f"data.source={path}", "speed.num_threads=1", *extra))
     for part in expected:
         assert part in msg, msg
     cases_tried["training-data"] += 1
@@ -119,7 +119,7 @@ def test_odd_but_valid_data_trains_and_evaluates(tmp_path, tiny_bert, capsys, ca
     assert path.stat().st_size > 1_000_000
     out = tmp_path / "run"
     args = ["train", "--set", f"model.name={tiny_bert}", "--set", f"data.source={path}", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
-            "--set", "data.val_fraction=0.25", "--set", "train.num_threads=1", "--set", "model.max_length=32", "-o", str(out)]
+            "--set", "data.val_fraction=0.25", "--set", "speed.num_threads=1", "--set", "model.max_length=32", "-o", str(out)]
     assert main(args) == 0, capsys.readouterr().err
     assert main(["eval", str(out), "--data", str(path)]) == 0
     printed = capsys.readouterr().out
@@ -234,9 +234,9 @@ BAD_VALUES = {
     "train.scheduler=warmup_cosine": "'cosine', 'linear', 'constant' or 'reduce_on_plateau'",
     "train.lr=0": "greater than 0", "train.lr=.nan": "finite number", "train.lr=.inf": "finite number",
     "train.batch_size=0": "greater than 0", "train.epochs=-1": "greater than 0", "train.warmup_ratio=1": "less than 1",
-    "train.eval_every=0": "positive number of steps", "train.eval_every=never": "'epoch' or a valid integer",
-    "train.precision=fp64": "'auto', 'fp32', 'bf16' or 'fp16'", "train.early_stopping.metric=acc": "'val_loss'",
-    "train.checkpoint_every=0": "greater than 0", "train.keep_checkpoints=0": "greater than 0",
+    "eval.every=0": "positive number of steps", "eval.every=never": "'epoch' or a valid integer",
+    "train.precision=fp64": "'auto', 'fp32', 'bf16' or 'fp16'", "eval.early_stopping.metric=acc": "'val_loss'",
+    "checkpoint.every=0": "greater than 0", "checkpoint.keep=0": "greater than 0",
     "model.max_length=0": "greater than 0", "model.head=mlp": "'default' or 'linear'",
     "data.val_fraction=0": "greater than 0", "data.text_columns=[]": "at least 1 item", "data.preprocess=[lower]": "'lowercase'",
     "budget.max_trainable=-5": "greater than 0", "lora.rank=8": "did you mean 'lora.r'?", "trian.lr=1": "did you mean 'train'?",
@@ -304,7 +304,7 @@ MODEL_CASES = {
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_bad_model_path(case, tmp_path, tiny_bert, small_csv, capsys, cases_tried):
     name = _model_case(tmp_path, tiny_bert, case)
-    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={name}", f"data.source={small_csv}", "train.num_threads=1"))
+    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={name}", f"data.source={small_csv}", "speed.num_threads=1"))
     assert f"model.name={name!r}" in msg or repr(name) in msg
     assert MODEL_CASES[case] in msg, msg
     cases_tried["model-paths"] += 1

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from lorafit import bench
+from lorafit.experiments import bench
 
 
 def test_forward_flops_counts_every_matmul_of_a_bert_layer():

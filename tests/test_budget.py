@@ -167,7 +167,7 @@ def test_rank_pattern_gives_upper_layers_higher_rank(model_type):
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
 def test_layers_to_transform_adapts_only_those_layers(model_type):
     cfg = make_config(model_type, "default", VARIANTS["layers_to_transform-qkvd"])
-    matched = budget.matched_modules(tiny_classifier(model_type, 4), cfg)
+    matched = models.matched_modules(tiny_classifier(model_type, 4), cfg)
     per_layer = 4 if model_type == "distilbert" else 6  # BERT's 'dense' is in attention.output, intermediate and output
     assert len(matched) == 2 * per_layer
     assert all(".2." in n or ".3." in n for n in matched)
@@ -179,7 +179,7 @@ def test_all_linear_leaves_the_head_to_full_training(model_type, head):
     """all-linear adapts the encoder's Linear layers only; head modules (incl. DistilBERT's pre_classifier) train fully."""
     model = tiny_classifier(model_type, 4, head)
     cfg = make_config(model_type, head, dict(target_modules="all-linear"))
-    matched = budget.matched_modules(model, cfg)
+    matched = models.matched_modules(model, cfg)
     assert {n.rsplit(".", 1)[-1] for n in matched} == LINEAR_NAMES[model_type]
     heads = budget.compute(cfg, 4, model=model).head_modules
     assert heads and not any(n == h or n.startswith(h + ".") for n in matched for h in heads)

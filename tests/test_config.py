@@ -77,7 +77,7 @@ budget:
     assert cfg.lora.r == 4 and cfg.lora.target_modules == ["query", "value"]
     assert cfg.lora.rank_pattern == {r"layer\.[45]\..*": 8}
     assert cfg.train.lr == pytest.approx(2e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.train.eval_every == 50 and cfg.train.early_stopping.metric == "val_macro_f1"
+    assert cfg.eval.every == 50 and cfg.eval.early_stopping.metric == "val_macro_f1"
     assert cfg.budget.max_trainable == 1_000_000 and isinstance(cfg.budget.max_trainable, int)
     # untouched keys keep their defaults
     assert cfg.lora.alpha == Config().lora.alpha and cfg.train.scheduler == "cosine"
@@ -88,12 +88,12 @@ def test_empty_yaml_file_is_the_default(tmp_path):
 
 
 def test_set_values_are_parsed_as_yaml():
-    cfg = load_config(None, ["lora.target_modules=[query,value]", "train.lr=1e-4", "lora.r=8", "lora.use_dora=true", "data.label_names=null", "train.eval_every=epoch"])
+    cfg = load_config(None, ["lora.target_modules=[query,value]", "train.lr=1e-4", "lora.r=8", "lora.use_dora=true", "data.label_names=null", "eval.every=epoch"])
     assert cfg.lora.target_modules == ["query", "value"]
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.lora.r == 8 and isinstance(cfg.lora.r, int)
     assert cfg.lora.use_dora is True
-    assert cfg.data.label_names is None and cfg.train.eval_every == "epoch"
+    assert cfg.data.label_names is None and cfg.eval.every == "epoch"
 
 
 @pytest.mark.parametrize("item, key, value", [
@@ -105,7 +105,8 @@ def test_set_values_are_parsed_as_yaml():
     ("lora.target_modules=query", ["lora", "target_modules"], "query"),
     ("data.source=a=b.csv", ["data", "source"], "a=b.csv"),  # only the first '=' splits
     ("lora.r=", ["lora", "r"], None),
-    ("train.early_stopping.metric=val_loss", ["train", "early_stopping", "metric"], "val_loss"),
+    ("eval.early_stopping.metric=val_loss", ["eval", "early_stopping", "metric"], "val_loss"),
+    ("train.early_stopping.metric=val_loss", ["eval", "early_stopping", "metric"], "val_loss"),  # its name before the config sections split
 ])
 def test_parse_override(item, key, value):
     k, v = parse_override(item)
@@ -144,8 +145,8 @@ def test_set_below_a_value_is_an_error(tmp_path):
     ("lora.lr=1e-4", "lora.lr", "train.lr"),  # a key of another section
     ("r=8", "r", "lora.r"),
     ("lora.dropuot=0.1", "lora.dropuot", "lora.dropout"),
-    ("train.early_stoping.metric=val_loss", "train.early_stoping", "train.early_stopping"),
-    ("train.early_stopping.patiance=2", "train.early_stopping.patiance", "train.early_stopping.patience"),
+    ("train.early_stoping.metric=val_loss", "train.early_stoping", "eval.early_stopping"),
+    ("eval.early_stopping.patiance=2", "eval.early_stopping.patiance", "eval.early_stopping.patience"),
     ("data.text_column=[a]", "data.text_column", "data.text_columns"),
     ("model.model_name=x", "model.model_name", "model.name"),
 ])
@@ -159,7 +160,7 @@ def test_unknown_key_without_a_near_match_lists_the_section_keys():
     msg = error_of(["lora.zzzzzz=1"])
     assert "unknown key 'lora.zzzzzz'" in msg and "valid keys here: r, alpha, dropout" in msg
     msg = error_of(["zzzzzz=1"])
-    assert "valid keys here: model, data, lora, train, budget" in msg
+    assert "valid keys here: model, data, lora, train, eval, checkpoint, speed, budget" in msg
 
 
 def test_unknown_key_in_a_yaml_file(tmp_path):
@@ -187,7 +188,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
     ("data.preprocess=[lower]", "data.preprocess.0", "'lower'", "'lowercase'"),
     ("data.val_fraction=1", "data.val_fraction", "1", "less than 1"),
     ("data.text_columns=[]", "data.text_columns", "[]", "at least 1 item"),
-    ("train.eval_every=0", "train.eval_every", "0", "positive number of steps"),
+    ("eval.every=0", "eval.every", "0", "positive number of steps"),
     ("lora.rank_pattern={'x': 0}", "lora.rank_pattern", "{'x': 0}", "ranks must be positive"),
 ])
 def test_wrong_value_names_the_field_and_the_value(item, field, shown, expected):
@@ -200,7 +201,7 @@ def test_wrong_value_names_the_field_and_the_value(item, field, shown, expected)
 
 @pytest.mark.parametrize("item, expected", [
     ("lora.target_modules=5", "lora.target_modules: got 5: Input should be a valid list or a valid string"),
-    ("train.eval_every=foo", "train.eval_every: got 'foo': Input should be 'epoch' or a valid integer"),
+    ("eval.every=foo", "eval.every: got 'foo': Input should be 'epoch' or a valid integer"),
 ])
 def test_union_fields_give_one_message_without_pydantic_internals(item, expected):
     msg = error_of([item])
@@ -282,7 +283,7 @@ def test_default_config_round_trips(tmp_path):
 
 def test_custom_config_round_trips(tmp_path):
     cfg = load_config(None, ["lora.target_modules=[query,value]", "lora.rank_pattern={'layer\\.1\\..*': 4}", "train.lr=1e-4",
-                             "train.eval_every=10", "data.label_names=[a, b]", "train.max_grad_norm=null", "lora.layers_to_transform=[0]"])
+                             "eval.every=10", "data.label_names=[a, b]", "train.max_grad_norm=null", "lora.layers_to_transform=[0]"])
     path = tmp_path / "config.yaml"
     save_config(cfg, path)
     assert validate(read_yaml(path), str(path)) == cfg
@@ -297,7 +298,7 @@ def test_keys_lists_every_key(capsys):
     out = capsys.readouterr().out
     listed = [line.split(" = ", 1)[0] for line in out.splitlines() if not line.startswith(" ")]
     assert listed == leaf_keys() == [k for k, _, _ in all_keys()]
-    assert "lora.r = 8" in out and "train.early_stopping.metric = val_loss" in out and "data.label_names = null" in out
+    assert "lora.r = 8" in out and "eval.early_stopping.metric = val_loss" in out and "data.label_names = null" in out
     assert all(doc for _, _, doc in all_keys()), "every key needs a description"
 
 

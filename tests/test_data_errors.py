@@ -215,6 +215,23 @@ def test_missing_label_column_lists_the_columns(tmp_path):
     assert "the file has columns ['text', 'category']" in msg and "data.label_column" in msg
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_fractional_number_labels_are_refused(tmp_path, suffix):
+    """0.5, 1.5, ... are not class ids: read as class names they trained into a useless model; refused instead."""
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [0.5, 1.5] * 10})
+    path = tmp_path / f"frac{suffix}"
+    df.to_csv(path, index=False) if suffix == ".csv" else df.to_parquet(path)
+    msg = error_of(path)
+    assert "column 'label' holds numbers that are not integers (20 rows, e.g. 0.5)" in msg and "data.label_column" in msg
+
+
+def test_integral_float_labels_are_still_class_ids(tmp_path):
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(20)], "label": [0.0, 1.0] * 10})
+    df.to_parquet(tmp_path / "floats.parquet")
+    data = load(tmp_path / "floats.parquet")
+    assert data.label_names == ["0", "1"] and set(data.train.labels) == {0, 1}
+
+
 def test_integer_labels_outside_label_names(tmp_path):
     path = write_csv(tmp_path, "ids.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)) + "x,5\ny,7\nz,5\n")
     msg = error_of(path, label_names=["neg", "pos"])
@@ -336,3 +353,8 @@ def test_cli_labels_outside_label_names(tmp_path):
     path = write_csv(tmp_path, "names.csv", "text,label\na,neg\nb,pos\nc,neutral\n")
     proc = run_train(tmp_path, str(path), "--set", "data.label_names=[neg,pos]")
     assert "labels ['neutral'] not in data.label_names ['neg', 'pos']" in proc.stderr
+
+
+def test_cli_fractional_labels_leave_nothing(tmp_path):
+    path = write_csv(tmp_path, "frac.csv", "text,label\n" + "".join(f"row {i},{i % 2 + 0.5}\n" for i in range(20)))
+    assert "holds numbers that are not integers" in run_train(tmp_path, str(path)).stderr

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main as cli
 from lorafit.config import load_config
-from lorafit.engine import encode, predict_logits
-from lorafit.export import export_merged
-from lorafit.runs import load_run
-from lorafit.train import run
+from lorafit.batching import encode, predict_logits
+from lorafit.inference.export import export_merged
+from lorafit.inference.loaded import load_run
+from lorafit.training.recipe import run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lorafit.config import load_config
-from lorafit.engine import cpu_has_bf16, encode, eval_batches, predict_logits, resolve_precision, store_frozen_in, train_batches
-from lorafit.runs import load_run
-from lorafit.train import run
+from lorafit.batching import encode, eval_batches, predict_logits, train_batches
+from lorafit.fast.device import cpu_has_bf16, resolve_precision, store_frozen_in
+from lorafit.inference.loaded import load_run
+from lorafit.training.recipe import run
 
 
 def test_train_batches_cover_every_row_once_and_group_lengths():
@@ -30,14 +31,14 @@ def test_train_batches_cover_every_row_once_and_group_lengths():
 
 
 def test_collate_pads_each_row_to_the_longest_on_the_right():
-    from lorafit.engine import Encoded, collate
+    from lorafit.batching import Encoded, collate
 
     enc = Encoded([[5, 6, 7], [8], [9, 10, 11, 12, 13]], np.zeros(3, dtype=np.int64))
     batch = collate(enc, np.array([2, 0, 1]), pad_id=0, device=torch.device("cpu"))
     assert batch["input_ids"].tolist() == [[9, 10, 11, 12, 13], [5, 6, 7, 0, 0], [8, 0, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
-    # rounded up to a multiple (train.pad_to_multiple_of): extra padding, and none when the width is already one
+    # rounded up to a multiple (speed.pad_to_multiple_of): extra padding, and none when the width is already one
     wide = collate(enc, np.array([2, 0, 1]), pad_id=0, device=torch.device("cpu"), multiple=4)
     assert wide["input_ids"].tolist() == [[9, 10, 11, 12, 13, 0, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
     assert wide["attention_mask"].sum(1).tolist() == [5, 3, 1]
@@ -47,7 +48,7 @@ def test_collate_pads_each_row_to_the_longest_on_the_right():
 def test_padding_to_a_multiple_leaves_the_logits_unchanged(tiny_bert, small_csv, one_thread):
     from transformers import AutoTokenizer
 
-    from lorafit.engine import collate
+    from lorafit.batching import collate
     from lorafit.models import build_model, wrap
 
     cfg = _tiny(tiny_bert, small_csv, "train.precision=fp32")
@@ -75,7 +76,7 @@ def _tiny(tiny_bert, small_csv, *extra):
     return load_config(None, [
         f"model.name={tiny_bert}", f"data.source={small_csv}", f"data.test_source={small_csv}", "model.max_length=32",
         "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "lora.use_dora=true", "lora.dropout=0.2",
-        "train.batch_size=16", "train.max_steps=12", "train.eval_every=6", "train.lr=5e-3", "data.val_fraction=0.2", *extra,
+        "train.batch_size=16", "train.max_steps=12", "eval.every=6", "train.lr=5e-3", "data.val_fraction=0.2", *extra,
     ])
 
 
@@ -124,13 +125,13 @@ def test_cuda_path_trains_in_bf16(tiny_bert, small_csv, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
 def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model_type, tmp_path, small_csv, one_thread):
-    """train.skip_unused_tokens: the last layer computes only the first token, which is all the head reads. The
+    """speed.skip_unused_tokens: the last layer computes only the first token, which is all the head reads. The
     logits (texts of different lengths, so padding and masks are involved) and every adapter gradient must equal
     the full forward's; architectures it does not know (DistilBERT) keep their full forward."""
     from conftest import make_tiny_model
 
-    from lorafit.engine import collate
-    from lorafit.fastpath import first_token_last_layer
+    from lorafit.batching import collate
+    from lorafit.fast.patches import first_token_last_layer
     from lorafit.models import build_model, wrap
 
     folder = make_tiny_model(tmp_path / model_type, model_type)
@@ -169,7 +170,7 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model
 def test_fast_dropout_masks_have_the_asked_rate_in_every_lane_and_keep_the_mean():
     """Four 16-bit lanes per 64-bit draw: each lane must drop at rate p (a lane with a stuck sign bit would
     drop at 2p or 0), the kept values are scaled so the mean is unchanged, and the gradient uses the same mask."""
-    from lorafit.fastpath import dropout_mask, fast_dropout
+    from lorafit.fast.patches import dropout_mask, fast_dropout
 
     torch.manual_seed(0)
     for p in (0.1, 0.6):
@@ -197,7 +198,7 @@ def test_lorafit_attention_is_sdpa_when_nothing_is_dropped():
     transformers' SDPA attention does, padding mask included (a wrongly signed mask would show here)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lorafit.fastpath import lorafit_attention
+    from lorafit.fast.patches import lorafit_attention
 
     torch.manual_seed(0)
     b, h, t, d = 3, 2, 7, 8
@@ -214,24 +215,25 @@ def test_lorafit_attention_is_sdpa_when_nothing_is_dropped():
 
 
 def test_fast_path_switches_apply_to_the_model(tiny_bert, small_csv):
-    from lorafit.fastpath import ATTENTIONS, FastDropout
-    from lorafit.train import setup
+    from lorafit.fast.patches import ATTENTIONS, FastDropout
+    from lorafit.training.recipe import setup
 
     s = setup(_tiny(tiny_bert, small_csv))
     assert ATTENTIONS[s.model.config._attn_implementation][0]  # the variant with the cheap attention dropout
     assert not any(type(m) is torch.nn.Dropout for m in s.model.modules())
     assert any(isinstance(m, FastDropout) for m in s.model.modules())
-    off = setup(_tiny(tiny_bert, small_csv, "train.fast_dropout=false", "train.fast_attention=false"))
+    off = setup(_tiny(tiny_bert, small_csv, "speed.fast_dropout=false", "speed.fast_attention=false"))
     assert off.model.config._attn_implementation == "sdpa" and not any(isinstance(m, FastDropout) for m in off.model.modules())
 
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.5])
 def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropout, one_thread):
-    """train.fast_dora reorders DoRA's arithmetic (scales in fp32, cast once); in fp32 the logits and every
+    """speed.fast_dora reorders DoRA's arithmetic (scales in fp32, cast once); in fp32 the logits and every
     gradient (magnitudes included) must be peft's, with and without LoRA dropout (which takes the extra
     base-matmul path); in bf16 it must stay close to fp32."""
-    from lorafit.engine import autocast, collate
-    from lorafit.fastpath import use_fast_dora
+    from lorafit.batching import collate
+    from lorafit.fast.device import autocast
+    from lorafit.fast.patches import use_fast_dora
     from lorafit.models import build_model, load_tokenizer, wrap
 
     cfg = _tiny(tiny_bert, small_csv, f"lora.dropout={lora_dropout}", "lora.target_modules=all-linear", "lora.use_rslora=true")
@@ -272,7 +274,7 @@ needs_bf16_cpu = pytest.mark.skipif(not (cpu_has_bf16() and torch.backends.mkldn
 @needs_bf16_cpu
 @pytest.mark.parametrize("gelu", [False, True])
 def test_packed_linear_computes_the_linear_layer(gelu, one_thread):
-    from lorafit.fastpath import PackedLinear
+    from lorafit.fast.patches import PackedLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
@@ -288,7 +290,7 @@ def test_packed_linear_computes_the_linear_layer(gelu, one_thread):
 
 @needs_bf16_cpu
 def test_packed_prediction_matches_unpacked_and_is_switchable(tiny_bert, small_csv, tmp_path, one_thread):
-    from lorafit.fastpath import PackedLinear
+    from lorafit.fast.patches import PackedLinear
 
     run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "r")
     packed = load_run(tmp_path / "r", merge=True)

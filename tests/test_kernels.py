@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model
 
-from lorafit import kernels
+from lorafit.fast import kernels
 
 needs_kernel = pytest.mark.skipif(not kernels.cpu_supports(), reason="the attention kernel needs a CPU with AVX-512 BF16")
 
@@ -153,11 +153,11 @@ def test_kernel_library_is_cached(tmp_path, monkeypatch):
 @needs_kernel
 def test_saved_runs_predict_through_the_kernel_as_through_sdpa(small_csv, tmp_path, monkeypatch, kernel):
     """A bf16 run with 32-wide heads: loaded for prediction, every attention call (the first-token last layer's
-    included) goes to the kernel, and the logits are SDPA's up to bf16 rounding; train.fast_attention=false is SDPA."""
+    included) goes to the kernel, and the logits are SDPA's up to bf16 rounding; speed.fast_attention=false is SDPA."""
     from lorafit.config import load_config
-    from lorafit.engine import encode, predict_logits
-    from lorafit.runs import load_run
-    from lorafit.train import run
+    from lorafit.batching import encode, predict_logits
+    from lorafit.inference.loaded import load_run
+    from lorafit.training.recipe import run
 
     model = make_tiny_model(tmp_path / "model", hidden=64)
     run(load_config(None, [

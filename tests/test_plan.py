@@ -11,8 +11,8 @@ import yaml
 
 from lorafit import budget, cli, models
 from lorafit.config import load_config
-from lorafit.plan import block_roles, make_plan, target_names
-from lorafit.points import Skeletons, apply_point, read_points_file
+from lorafit.experiments.plan import block_roles, make_plan, target_names
+from lorafit.experiments.points import Skeletons, apply_point, read_points_file
 
 from conftest import make_tiny_model
 
@@ -127,7 +127,7 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
 
 
 def test_plan_file_feeds_sweep_points(tmp_path):
-    from lorafit.points import resolve_points
+    from lorafit.experiments.points import resolve_points
 
     out = tmp_path / "plan.yaml"
     assert cli.main(["plan", "-c", str(REFERENCE), "--ranks", "2", "--budget", "400000", "-o", str(out)]) == 0

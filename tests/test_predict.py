@@ -248,10 +248,10 @@ def test_refuses_to_overwrite_unless_asked(tiny_run, labelled, tmp_path, capsys)
 
 
 def test_a_failed_write_leaves_no_partial_file(tiny_run, labelled, tmp_path, monkeypatch):
-    import lorafit.predict as predict_mod
+    import lorafit.inference.predict as predict_mod
 
-    def half_then_fail(df, path, suffix):
-        path.write_text("ID,label\n0,Wor")
+    def half_then_fail(df, f, suffix):
+        f.write(b"ID,label\n0,Wor")
         raise OSError(28, "No space left on device")
 
     labelled.head(5).to_csv(tmp_path / "in.csv", index=False)
@@ -285,8 +285,8 @@ def test_embedded_minilm_predict_equals_eval_and_exports(tmp_path, ag_sample, ca
     """The real MiniLM at its default precision: predict and eval agree on 2,000 held-out rows; the export matches."""
     from lorafit.config import load_config
     from lorafit.data import builtin_path
-    from lorafit.export import export_merged
-    from lorafit.train import run
+    from lorafit.inference.export import export_merged
+    from lorafit.training.recipe import run
 
     run(load_config(None, ["data.max_train_samples=480", "train.max_steps=30", "train.lr=2e-3"]), tmp_path / "run")
     data = tmp_path / "test.parquet"

@@ -15,7 +15,10 @@ import pytest
 import yaml
 
 from lorafit.cli import main as cli
-from lorafit.report import PLOTS, compare, lr_curve, read_run_files, write_run_report
+from lorafit.report.compare import compare
+from lorafit.report.plots import lr_curve
+from lorafit.report.run_files import read_run_files
+from lorafit.report.run_report import PLOTS, write_run_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -65,7 +68,7 @@ def test_lorafit_report_rebuilds_it(tiny_run, tmp_path, capsys):
 
 
 def test_a_plotting_failure_warns_instead_of_losing_the_run(tiny_run, tmp_path, monkeypatch, capsys):
-    import lorafit.report as report
+    import lorafit.report.run_report as report
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -17,13 +17,13 @@ import pytest
 
 from lorafit.config import load_config
 from lorafit.errors import LorafitError
-from lorafit.sweep import read_space, run_search
+from lorafit.experiments.search import read_space, run_search
 
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
 TINY = ["model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
-        "train.eval_batch_size=32", "train.max_steps=2", "train.eval_every=1", "train.precision=fp32", "train.lr=5e-3",
+        "eval.batch_size=32", "train.max_steps=2", "eval.every=1", "train.precision=fp32", "train.lr=5e-3",
         "data.val_fraction=0.2"]
 SPACE = """\
 lora.r: [2, 4]
@@ -105,7 +105,7 @@ def test_pruned_trials_stop_early_and_leave_no_run_folder(base_yaml, space, tmp_
 
 def test_a_trial_asked_after_all_n_are_claimed_is_closed_unrun(base_yaml, space, tmp_path, monkeypatch):
     """Two workers can both see N-1 claimed trials and ask; trial numbers are unique, so the later one steps back."""
-    import lorafit.sweep as sweep_mod
+    import lorafit.experiments.search as sweep_mod
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     other = optuna.create_study(storage=url, study_name="race")

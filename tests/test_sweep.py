@@ -12,11 +12,11 @@ import pytest
 
 from lorafit import cli
 from lorafit.errors import LorafitError
-from lorafit.points import expand, parse_grid_arg, point_name, read_points_file
-from lorafit.sweep import is_complete
+from lorafit.experiments.points import expand, parse_grid_arg, point_name, read_points_file
+from lorafit.runs import is_complete
 
 TINY = ["model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
-        "train.eval_batch_size=32", "train.max_steps=2", "train.eval_every=1", "train.precision=fp32", "train.lr=5e-3",
+        "eval.batch_size=32", "train.max_steps=2", "eval.every=1", "train.precision=fp32", "train.lr=5e-3",
         "data.val_fraction=0.2"]
 
 
@@ -113,9 +113,10 @@ def test_seeds_repeat_each_point_and_tables_show_mean_and_std(tiny_bert, small_c
 
 
 def test_a_failed_point_does_not_stop_the_others_and_is_retried(tiny_bert, small_csv, tmp_path, capsys, monkeypatch):
-    import lorafit.train
+    import lorafit.experiments.sweep_folder
+    import lorafit.training.recipe
 
-    real_run = lorafit.train.run
+    real_run = lorafit.experiments.sweep_folder.run
 
     def flaky(cfg, out, **kwargs):
         if cfg.lora.r == 2:
@@ -124,34 +125,35 @@ def test_a_failed_point_does_not_stop_the_others_and_is_retried(tiny_bert, small
 
     out = tmp_path / "f"
     args = [*tiny_args(tiny_bert, small_csv), "--grid", "lora.r=2,4", "-o", str(out)]
-    monkeypatch.setattr(lorafit.train, "run", flaky)
+    monkeypatch.setattr(lorafit.experiments.sweep_folder, "run", flaky)
     code, _, err = sweep(capsys, *args)
     last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]  # after the progress bars
     assert code == 2 and last.startswith("lorafit: error: 1 of 2 run(s) failed (the training loss became nan")
     assert "Traceback" not in err
     rows = read_csv(out / "results.csv")
     assert [r["status"][:7] for r in rows] == ["done", "failed:"]
-    monkeypatch.setattr(lorafit.train, "run", real_run)
+    monkeypatch.setattr(lorafit.experiments.sweep_folder, "run", real_run)
     code, stdout, _ = sweep(capsys, *args)
     assert code == 0 and "1 run(s) finished earlier, 1 to train" in stdout
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
 
 
 def test_an_interrupted_point_continues_from_its_checkpoint(tiny_bert, small_csv, tmp_path, capsys, monkeypatch):
-    import lorafit.train
+    import lorafit.experiments.sweep_folder
+    import lorafit.training.recipe
 
-    real = lorafit.train.final_metrics
+    real = lorafit.training.recipe.final_metrics
 
     def crash(*a, **k):  # after the last step's checkpoint, before the run folder is complete
         raise LorafitError("simulated crash")
 
     out = tmp_path / "i"
-    args = [*tiny_args(tiny_bert, small_csv, "train.checkpoint_every=1"), "--grid", "lora.r=2", "-o", str(out)]
-    monkeypatch.setattr(lorafit.train, "final_metrics", crash)
+    args = [*tiny_args(tiny_bert, small_csv, "checkpoint.every=1"), "--grid", "lora.r=2", "-o", str(out)]
+    monkeypatch.setattr(lorafit.training.recipe, "final_metrics", crash)
     code, _, _ = sweep(capsys, *args)
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     assert code == 2 and (folder / "INCOMPLETE").exists() and not is_complete(folder)
-    monkeypatch.setattr(lorafit.train, "final_metrics", real)
+    monkeypatch.setattr(lorafit.training.recipe, "final_metrics", real)
     code, stdout, _ = sweep(capsys, *args)
     assert code == 0 and "0 run(s) finished earlier, 1 to train" in stdout and "resuming from" in stdout
     assert is_complete(folder) and [r["status"] for r in read_csv(out / "results.csv")] == ["done"]

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from lorafit.config import load_config
-from lorafit.engine import encode, predict_logits
-from lorafit.runs import load_run
-from lorafit.train import evaluate, final_metrics, run, save, setup, train
+from lorafit.batching import encode, predict_logits
+from lorafit.inference.loaded import load_run
+from lorafit.training.recipe import evaluate, final_metrics, run, save, setup, train
 
 
 def tiny_cfg(model_dir, data_csv, *extra):
@@ -27,13 +27,13 @@ def tiny_cfg(model_dir, data_csv, *extra):
         "lora.alpha=8",
         "lora.target_modules=[query,value]",
         "train.batch_size=16",
-        "train.eval_batch_size=32",
+        "eval.batch_size=32",
         "train.max_steps=6",
-        "train.eval_every=2",
+        "eval.every=2",
         "train.precision=fp32",
         "train.lr=5e-3",
         "data.val_fraction=0.2",
-        "train.num_threads=1",  # tiny matmuls gain nothing from two threads and lose a lot on a busy machine
+        "speed.num_threads=1",  # tiny matmuls gain nothing from two threads and lose a lot on a busy machine
         *extra,
     ])
 
@@ -85,8 +85,8 @@ def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_
 
 def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
     # a threshold no evaluation can beat: the first evaluation stays best, training stops after `patience` more
-    cfg = tiny_cfg(tiny_bert, small_csv, "train.max_steps=40", "train.eval_every=1",
-                   "train.early_stopping.patience=2", "train.early_stopping.threshold=100")
+    cfg = tiny_cfg(tiny_bert, small_csv, "train.max_steps=40", "eval.every=1",
+                   "eval.early_stopping.patience=2", "eval.early_stopping.threshold=100")
     s = setup(cfg)
     res = train(s)
     assert res.stopped_early and res.steps == 3 and res.best_step == 1
@@ -97,7 +97,7 @@ def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant", "reduce_on_plateau"])
 def test_schedules_warm_up_then_follow_their_shape(tiny_bert, small_csv, scheduler):
     cfg = tiny_cfg(tiny_bert, small_csv, f"train.scheduler={scheduler}", "train.max_steps=10",
-                   "train.eval_every=1", "train.warmup_ratio=0.2", "train.early_stopping.patience=0")
+                   "eval.every=1", "train.warmup_ratio=0.2", "eval.early_stopping.patience=0")
     res = train(setup(cfg))
     lrs = [h["lr"] for h in res.history]
     peak = 5e-3
@@ -116,7 +116,7 @@ def test_a_time_limit_ends_the_schedule_at_the_deadline(scheduler):
     its deadline still ends at the bottom of its schedule; without a limit it follows the steps as before."""
     from transformers import get_scheduler
 
-    from lorafit.train import Schedule
+    from lorafit.schedule import Schedule
 
     def lrs(max_seconds, elapsed):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -9,6 +9,6 @@ def load(run_dir, precision=None):
 
     torch and transformers are imported on the first call, so `import lorafit` stays cheap.
     """
-    from .predict import load as _load
+    from .inference.predict import load as _load
 
     return _load(run_dir, precision)

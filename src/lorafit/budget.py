@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .config import Config
-from .errors import BudgetExceeded, LorafitError
-from .models import HEAD_MODULE_NAMES, build_model, head_modules, peft_config
+from .errors import BudgetExceeded
+from .models import build_model, head_modules, matched_modules
 
 
 @dataclass
@@ -49,37 +49,6 @@ class Budget:
         word = "margin" if self.margin >= 0 else "OVER BUDGET by"
         lines.append(f"  {'budget':<{width + 2}}{self.max_trainable:>12,}  {word} {abs(self.margin):,}")
         return "\n".join(lines)
-
-
-def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
-    """The Linear modules the adapter will wrap, by peft's matching rules; a clear error for unknown targets."""
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-
-    pcfg = peft_config(cfg.lora, model)
-    pcfg.modules_to_save = list(HEAD_MODULE_NAMES)
-    pcfg = _maybe_include_all_linear_layers(pcfg, model)
-    linears = _linear_modules(model)
-    matched = {}
-    for name, module in model.named_modules():
-        hit = check_target_module_exists(pcfg, name)
-        if hit and type(hit).__name__ != "_ExcludedModule":
-            if not isinstance(module, nn.Linear):
-                raise LorafitError(f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only")
-            matched[name] = module
-    heads = head_modules(model)
-    available = sorted({n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)})
-    targets = cfg.lora.target_modules
-    if isinstance(targets, list):
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
-        if missing:
-            raise LorafitError(f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those")
-    if not matched:
-        raise LorafitError(f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}")
-    return matched
 
 
 def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Budget:

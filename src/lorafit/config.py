@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors; all problems of a file are reported at 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .atomic import atomic_write_text
 from .errors import LorafitError
 
 PREPROCESS_STEPS = ("lowercase", "strip_punctuation", "remove_stopwords", "stem", "lemmatize")
@@ -101,9 +103,10 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
+    """What the optimisation computes: a resumed run must keep all of these but lr and precision."""
+
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(32, gt=0, description="Training examples per step and device.")
-    eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation and prediction batch (length-sorted).")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -113,27 +116,39 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns clipping off.")
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    eval_every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on validation every epoch or every N optimizer steps.")
     seed: int = Field(42, description="Seed for the split, the initialisation and the data order.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.")
-    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
-    pad_to_multiple_of: int = Field(8, gt=0, le=128, description="Pad each training batch to a multiple of this many tokens: far fewer distinct tensor sizes, so the CPU heap fragments less (peak memory down by a quarter here, same speed); 1 pads to the longest text only.")
-    fast_dropout: bool = Field(True, description="CPU: dropout masks from a quarter of the random draws torch.nn.Dropout makes (p rounded to 1/65536), attention dropout included; same distribution, a third less time per step.")
-    fast_dora: bool = Field(True, description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.")
-    skip_unused_tokens: bool = Field(True, description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).")
-    pack_weights: bool = Field(True, description="Prediction and evaluation of a saved run on a bf16 CPU: each linear weight reordered once into oneDNN's blocked layout and exact GELU fused into the feed-forward matmul (same logits up to bf16 rounding, less time).")
-    fast_attention: bool = Field(True, description="Evaluation and prediction on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (same numerics as SDPA's flash attention, less time; SDPA where it cannot be built).")
-    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
-    checkpoint_every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")
-    keep_checkpoints: int = Field(2, gt=0, description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.")
 
-    @field_validator("eval_every")
+
+class EvalConfig(Section):
+    every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on validation every epoch or every N optimizer steps.")
+    batch_size: int = Field(64, gt=0, description="Examples per evaluation and prediction batch (length-sorted).")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @field_validator("every")
     @classmethod
-    def _check_eval_every(cls, v):
+    def _check_every(cls, v):
         if isinstance(v, int) and v <= 0:
             raise ValueError("expected 'epoch' or a positive number of steps")
         return v
+
+
+class CheckpointConfig(Section):
+    every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")
+    keep: int = Field(2, gt=0, description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.")
+
+
+class SpeedConfig(Section):
+    """Switches that change how fast lorafit computes, not what (up to float rounding); measured in docs/performance.md."""
+
+    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
+    group_by_length: bool = Field(True, description="Batch training texts of similar length together (less padding).")
+    pad_to_multiple_of: int = Field(8, gt=0, le=128, description="Pad each training batch to a multiple of this many tokens: fewer distinct tensor sizes, so the CPU heap fragments less; 1 pads to the longest text only.")
+    fast_dropout: bool = Field(True, description="CPU training: dropout masks from a quarter of the random draws torch.nn.Dropout makes (p rounded to 1/65536), attention dropout included; same distribution, less time.")
+    fast_dora: bool = Field(True, description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.")
+    skip_unused_tokens: bool = Field(True, description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).")
+    pack_weights: bool = Field(True, description="Inference only (eval, predict) on a bf16 CPU: each linear weight reordered once into oneDNN's blocked layout and exact GELU fused into the feed-forward matmul.")
+    fast_attention: bool = Field(True, description="Inference only (validation, eval, predict) on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (SDPA's numerics; SDPA where it cannot be built).")
 
 
 class BudgetConfig(Section):
@@ -145,6 +160,9 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict:
@@ -181,18 +199,20 @@ def all_keys() -> list[tuple[str, Any, str]]:
     return out
 
 
-# Names other tools use for our keys (Hugging Face Trainer, PEFT), matched before spelling similarity.
+# Names other tools use for our keys (Hugging Face Trainer, PEFT), matched before spelling similarity; a dotted
+# value names the key itself, a plain one a leaf name looked up in the same section first.
 _ALIASES = {
     "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size", "eval_batch_size": "eval.batch_size", "gradient_accumulation_steps": "grad_accum",
+    "eval_steps": "eval.every", "eval_every": "eval.every", "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep",
     "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio", "max_seq_length": "max_length",
     "model_name": "name", "model_name_or_path": "name", "target": "target_modules", "modules": "target_modules",
     "label": "label_column", "text": "text_columns", "text_column": "text_columns",
 }
 
 
-def _suggest(loc: str) -> str:
+def suggest(loc: str) -> str:
     """'did you mean ...?' for an unknown dotted key, else the valid keys of its section."""
     parent, _, leaf = loc.rpartition(".")
     keys = _valid_keys(Config)
@@ -205,6 +225,8 @@ def _suggest(loc: str) -> str:
             by_leaf.setdefault(k.rpartition(".")[2], k)
         name = leaf.lower()
         name = _ALIASES.get(name, name)
+        if "." in name:
+            return name if name in keys else None
         if name in by_leaf or not fuzzy:
             return by_leaf.get(name)
         near = difflib.get_close_matches(name, list(by_leaf), n=1, cutoff=0.55)
@@ -236,7 +258,7 @@ def _problems(errors: list[dict]) -> list[str]:
         err = errs[0]
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            out.append(f"unknown key '{loc}' ({_suggest(loc)})")
+            out.append(f"unknown key '{loc}' ({suggest(loc)})")
             continue
         if err["type"] == "model_type":
             out.append(f"{loc}: got {value!r}: expected a section of key: value settings, not {type(value).__name__}")
@@ -252,12 +274,17 @@ def _problems(errors: list[dict]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def validate(data: dict, origin: str) -> Config:
-    """Validate a nested dict into a Config; raise one LorafitError listing every problem."""
+def _check_mapping(data: Any, origin: str) -> None:
     if not isinstance(data, dict):
-        raise LorafitError(f"{origin}: expected a mapping of sections (model, data, lora, train, budget), found {type(data).__name__}")
+        sections = ", ".join(Config.model_fields)
+        raise LorafitError(f"{origin}: expected a mapping of sections ({sections}), found {type(data).__name__}")
+
+
+def validate(data: dict, origin: str) -> Config:
+    """Validate a nested dict (any lorafit version's layout) into a Config; raise one LorafitError listing every problem."""
+    _check_mapping(data, origin)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(migrate(data, origin))
     except ValidationError as e:
         problems = _problems(e.errors())
         raise LorafitError(f"{origin}: {len(problems)} problem(s): " + "; ".join(problems) + " (see `lorafit keys` for every key)") from None
@@ -272,20 +299,119 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Migrations: configs written by earlier versions of lorafit keep loading (run folders, sweep folders, studies)
+
+# Keys (or whole sections) that moved, old dotted name -> new one.
+MOVED_KEYS = {
+    "train.eval_every": "eval.every",
+    "train.eval_batch_size": "eval.batch_size",
+    "train.early_stopping": "eval.early_stopping",
+    "train.checkpoint_every": "checkpoint.every",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.num_threads": "speed.num_threads",
+    "train.group_by_length": "speed.group_by_length",
+    "train.pad_to_multiple_of": "speed.pad_to_multiple_of",
+    "train.fast_dropout": "speed.fast_dropout",
+    "train.fast_dora": "speed.fast_dora",
+    "train.skip_unused_tokens": "speed.skip_unused_tokens",
+    "train.pack_weights": "speed.pack_weights",
+    "train.fast_attention": "speed.fast_attention",
+}
+
+
+def migrate_key(key: str) -> str:
+    """A dotted key's current name: 'train.eval_every' -> 'eval.every', 'train.early_stopping.metric' -> 'eval.early_stopping.metric'."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
+
+
+def migrate(data: dict, origin: str = "config") -> dict:
+    """A copy of a nested config dict with every moved key at its current place. Setting a key under both its
+    old and its new name is an error (which one would win is not obvious)."""
+    out = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        parent = out
+        for part in old_path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_path, new_leaf = new.split(".")
+        node = out
+        for part in new_path:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # a malformed section: validation reports it
+                parent[old_leaf] = value
+                break
+            node = child
+        else:
+            if new_leaf in node and node[new_leaf] != value:
+                raise LorafitError(f"{origin}: '{old}' and '{new}' are the same setting ('{new}' is its current name); set it once, as '{new}'")
+            node[new_leaf] = value
+    return out
+
+
+def migrate_saved(data: dict) -> dict:
+    """A run's saved config.yaml (or a checkpoint's config) as the current version reads it: moved keys, and the
+    defaults that were different when the run was written (a resumed run must compute what it computed)."""
+    data = migrate(data, "saved config")
+    speed = data.get("speed") if isinstance(data.get("speed"), dict) else None
+    if isinstance(data.get("train"), dict) and (speed is None or "pad_to_multiple_of" not in speed):
+        data.setdefault("speed", {})["pad_to_multiple_of"] = 1  # saved before the key existed: padded to the longest text
+    return data
+
+
+# Keys a resumed run may change: they do not alter what the remaining steps compute (threads, evaluation batch
+# size, checkpointing), or they are the usual fixes after a numerical fault (a lower lr, fp32).
+RESUME_OVERRIDES = ("train.lr", "train.precision", "speed.num_threads", "eval.batch_size", "checkpoint.every", "checkpoint.keep")
+
+
+def flatten(config: dict) -> dict[str, Any]:
+    """Dotted keys -> values, stopping at config leaves (rank_pattern and the like stay one value)."""
+    leaves = {k for k, _, _ in all_keys()}
+    out = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = prefix + str(k)
+            if isinstance(v, dict) and key not in leaves:
+                walk(v, key + ".")
+            else:
+                out[key] = v
+
+    walk(config, "")
+    return out
+
+
+def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The keys two configs (any version's layout) set differently; keys only one of them has are ignored, since a
+    newer lorafit adds keys with defaults."""
+    a, b = flatten(migrate(old)), flatten(migrate(new))
+    return [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and k not in ignore]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading files and --set
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'lora.r=8' -> (['lora', 'r'], 8); the value is parsed as YAML."""
+    """'lora.r=8' -> (['lora', 'r'], 8); the value is parsed as YAML, an old key name is read as its current one."""
     if "=" not in item:
         raise LorafitError(f"--set {item!r}: expected KEY=VALUE (e.g. --set lora.r=8)")
     key, raw = item.split("=", 1)
     try:
-        value = _load_yaml(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise LorafitError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
-    return key.strip().split("."), value
+    return migrate_key(key.strip()).split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -306,7 +432,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise LorafitError(f"config file {path} not found: expected a YAML file (see configs/ for examples)")
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise LorafitError(f"{path}: not UTF-8 text; expected a YAML config file") from None
     except yaml.YAMLError as e:
@@ -320,13 +446,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Load a YAML config (or the embedded default when path is None) and apply key=value overrides."""
     data = read_yaml(path) if path else {}
     origin = str(path) if path else "default config"
-    if not isinstance(data, dict):
-        raise LorafitError(f"{origin}: expected a mapping of sections (model, data, lora, train, budget), found {type(data).__name__}")
-    data = apply_overrides(data, list(overrides))
+    _check_mapping(data, origin)
+    data = apply_overrides(migrate(data, origin), list(overrides))
     return validate(data, origin + (" with --set overrides" if overrides else ""))
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .atomic import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a resumed run rewrites it
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table (README.md holds it between markers; a test keeps it current)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc in all_keys():
+        value = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        lines.append(f"| `{key}` | `{value}` | {doc.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"

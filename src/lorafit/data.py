@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from . import preprocess
-from .config import DataConfig
+from .config import Config, DataConfig
 from .errors import LorafitError
+from .models import hub_reachable
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUILTIN_DATA = {
@@ -111,8 +112,6 @@ def _first_bad_byte(path: Path, err: UnicodeDecodeError) -> str:
 
 
 def _read_hub(source: str, role: str) -> pd.DataFrame:
-    from .models import hub_reachable
-
     name, _, split = source[4:].partition(":")
     split = split or ("test" if role == "data.test_source" else "train")
     if not hub_reachable():
@@ -135,7 +134,7 @@ def _delimiter_hint(df: pd.DataFrame) -> str:
     return ""
 
 
-def _join_texts(df: pd.DataFrame, columns: list[str], source: str) -> pd.Series:
+def join_texts(df: pd.DataFrame, columns: list[str], source: str) -> pd.Series:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise LorafitError(f"{source}: text column(s) {missing} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.text_columns")
@@ -158,7 +157,13 @@ def infer_label_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
         raise LorafitError(f"{cfg.source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column")
     values = df[cfg.label_column].dropna()
     ints = pd.to_numeric(values, errors="coerce")
-    if len(values) and ints.notna().all() and np.isfinite(ints).all() and (ints == ints.round()).all() and ints.min() >= 0:
+    numbers = len(values) and ints.notna().all() and np.isfinite(ints).all()
+    if numbers and not (ints == ints.round()).all():  # e.g. a regression target or probabilities, not classes
+        fractional = values[ints != ints.round()]
+        raise LorafitError(f"{cfg.source}: column {cfg.label_column!r} holds numbers that are not integers ({len(fractional)} rows, e.g. "
+                           f"{str(fractional.iloc[0]).strip()}); labels are class ids 0..C-1 or class names: pick the class column with "
+                           "data.label_column, or name the classes with data.label_names")
+    if numbers and ints.min() >= 0:
         distinct = ints.nunique()
         if ints.max() + 1 > max(2 * distinct, 100):  # not ids 0..C-1 but codes such as years: C would be huge
             largest = str(values.iloc[int(np.argmax(ints.to_numpy()))]).strip()
@@ -166,6 +171,21 @@ def infer_label_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
                                f"integer labels are class ids 0..C-1: renumber them, or name the classes with data.label_names (e.g. {sorted(values.astype(str).str.strip().unique())[:3]})")
         return [str(i) for i in range(int(ints.max()) + 1)]
     return sorted(values.astype(str).str.strip().unique())
+
+
+def known_num_labels(cfg: Config) -> int | None:
+    """The number of classes when the config tells it without reading any data (label_names or a builtin set)."""
+    if cfg.data.label_names:
+        return len(cfg.data.label_names)
+    if cfg.data.source.startswith("builtin:ag_news"):
+        return len(AG_NEWS_LABELS)
+    return None
+
+
+def num_labels(cfg: Config) -> int:
+    """The number of classes of cfg's run: from the config, else from the training data's labels."""
+    known = known_num_labels(cfg)
+    return known if known is not None else len(infer_label_names(read_table(cfg.data.source), cfg.data))
 
 
 def _label_ids(series: pd.Series, names: list[str], source: str, column: str) -> np.ndarray:
@@ -195,7 +215,7 @@ def _label_ids(series: pd.Series, names: list[str], source: str, column: str) ->
 
 def to_split(df: pd.DataFrame, cfg: DataConfig, names: list[str], source: str, require_labels: bool = True) -> Split:
     """Join text columns, map labels, drop rows without text (and, for training data, without label)."""
-    text = _join_texts(df, cfg.text_columns, source)
+    text = join_texts(df, cfg.text_columns, source)
     notes = []
     if require_labels or cfg.label_column in df.columns:
         if cfg.label_column not in df.columns:

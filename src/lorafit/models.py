@@ -7,8 +7,10 @@ one-line error when the hub cannot be reached.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import warnings
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -23,7 +25,7 @@ OFFLINE_HINT = "offline alternatives: model.name=builtin:minilm or a local model
 HEAD_MODULE_NAMES = ("classifier", "score")  # what peft's SEQ_CLS task adds to modules_to_save
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -99,7 +101,7 @@ def load_model_config(name: str, num_labels: int, label_names: list[str] | None 
     """The architecture config, without weights. For well-known hub ids a shipped copy is used offline."""
     from transformers import AutoConfig
 
-    _quiet_transformers()
+    quiet_transformers()
     path, local = resolve(name)
     kwargs = dict(num_labels=num_labels)
     if label_names:
@@ -118,7 +120,7 @@ def load_model_config(name: str, num_labels: int, label_names: list[str] | None 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path, local = resolve(name_or_path) if not Path(name_or_path).is_dir() else (name_or_path, True)
     if local:
         return _local_call(name_or_path, "tokenizer", AutoTokenizer.from_pretrained, path)
@@ -162,7 +164,7 @@ def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = No
     """The base classifier with its head. weights=False builds it on the meta device (no memory, no download)."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     model_cfg = load_model_config(cfg.model.name, num_labels, label_names)
     if not weights:
         with torch.device("meta"):
@@ -194,7 +196,7 @@ def peft_config(lora: LoraSection, model: nn.Module | None = None):
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
         layers_to_transform=lora.layers_to_transform,
-        layers_pattern=_layers_pattern(model) if (model is not None and lora.layers_to_transform is not None) else None,
+        layers_pattern=layers_pattern(model) if (model is not None and lora.layers_to_transform is not None) else None,
         exclude_modules=_head_pattern(model) if model is not None else None,
     )
 
@@ -218,7 +220,7 @@ def _head_pattern(model: nn.Module) -> str | None:
     return "(?:" + "|".join(re.escape(h) for h in heads) + r")(?:\..*)?" if heads else None
 
 
-def _layers_pattern(model: nn.Module) -> str | None:
+def layers_pattern(model: nn.Module) -> str | None:
     """The name of the ModuleList holding the transformer blocks ('layer' for BERT/RoBERTa, DistilBERT too)."""
     import re
 
@@ -229,12 +231,51 @@ def _layers_pattern(model: nn.Module) -> str | None:
     return None
 
 
+def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
+    """The Linear modules the adapter will wrap, by peft's matching rules; a clear error for unknown targets."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    pcfg = peft_config(cfg.lora, model)
+    pcfg.modules_to_save = list(HEAD_MODULE_NAMES)
+    pcfg = _maybe_include_all_linear_layers(pcfg, model)
+    linears = _linear_modules(model)
+    matched = {}
+    for name, module in model.named_modules():
+        hit = check_target_module_exists(pcfg, name)
+        if hit and type(hit).__name__ != "_ExcludedModule":
+            if not isinstance(module, nn.Linear):
+                raise LorafitError(f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only")
+            matched[name] = module
+    heads = head_modules(model)
+    available = sorted({n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)})
+    targets = cfg.lora.target_modules
+    if isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
+        if missing:
+            raise LorafitError(f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those")
+    if not matched:
+        raise LorafitError(f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}")
+    return matched
+
+
+@contextlib.contextmanager
+def quiet_peft_warnings():
+    """peft calls transformers' `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every wrap and load: a matter between lorafit's dependencies, not the user's, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def wrap(model: nn.Module, cfg: Config):
     """Apply the adapter with peft; the head (modules_to_save) trains fully."""
     from peft import get_peft_model
 
-    from .budget import matched_modules
-
     matched_modules(model, cfg)  # raises a clear error for targets the model does not have
     torch.manual_seed(cfg.train.seed)
-    return get_peft_model(model, peft_config(cfg.lora, model))
+    with quiet_peft_warnings():
+        return get_peft_model(model, peft_config(cfg.lora, model))

@@ -1,4 +1,11 @@
-"""Run folders: trained into under a lock, marked complete only when every file is written, reloaded for evaluation."""
+"""The run-folder contract: the files a run holds, when it is complete, its lock while it trains, its config.
+
+Training writes straight into the run folder, so a crash, a kill or a Ctrl-C keeps the checkpoints written so far.
+`INCOMPLETE` is created before anything else and removed only after every file is written: while it exists the
+folder is not a run you can evaluate, and `lorafit train --resume` can continue it. `.lock` holds the trainer's pid
+under an advisory lock (flock), which the kernel releases when the process dies however it dies; a lock file left by
+a dead process is therefore detected and taken over. Sweep folders are locked the same way.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .config import Config, apply_overrides, parse_override, read_yaml, validate
+from .atomic import atomic_write_text, fsync_dir
+from .config import RESUME_OVERRIDES, Config, apply_overrides, migrate_saved, parse_override, read_yaml, validate
 from .errors import LorafitError
 
 try:
@@ -20,9 +25,50 @@ try:
 except ImportError:  # Windows: the lock falls back on checking whether the recorded pid is alive
     fcntl = None
 
-REQUIRED_FILES = ("config.yaml", "labels.json", "metrics.json", "adapter/adapter_config.json")
+CONFIG = "config.yaml"
+LABELS = "labels.json"
+METRICS = "metrics.json"
+BUDGET = "budget.json"
+HISTORY = "history.jsonl"
+ADAPTER = "adapter"
+TOKENIZER = "tokenizer"
+CHECKPOINTS = "checkpoints"
+REQUIRED_FILES = (CONFIG, LABELS, METRICS, f"{ADAPTER}/adapter_config.json")  # what every complete run holds
 INCOMPLETE = "INCOMPLETE"  # present from the start of training until every file of the run is written
 LOCK = ".lock"
+
+
+def is_complete(folder: Path) -> bool:
+    """A finished run: every required file written and no INCOMPLETE marker (runs train in place)."""
+    folder = Path(folder)
+    return folder.is_dir() and not is_incomplete(folder) and all((folder / f).exists() for f in REQUIRED_FILES)
+
+
+def check_complete(folder: Path, being_written: bool = False) -> Path:
+    """`folder` if it is a complete run, else a one-line error saying what it is instead and what to do.
+    `being_written`: the trainer itself, writing the last files (the report) before it removes INCOMPLETE."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafitError(f"run folder {folder} not found; expected a folder written by `lorafit train`")
+    if is_incomplete(folder) and not being_written:
+        holder = lock_holder(folder)
+        if holder:
+            raise LorafitError(f"{folder} is an incomplete run: pid {holder} is training it right now; wait for it to finish")
+        raise LorafitError(f"{folder} is an incomplete run: its training was interrupted; continue it with `lorafit train --resume {folder}`")
+    missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
+    if missing:
+        raise LorafitError(f"{folder} is not a complete lorafit run (missing {', '.join(missing)}); train it again or pick another folder")
+    return folder
+
+
+def read_run_config(folder: Path) -> Config:
+    """The config of a complete run, in the current layout whichever lorafit version wrote it."""
+    path = check_complete(folder) / CONFIG
+    return validate(migrate_saved(read_yaml(path)), str(path))
+
+
+def read_labels(folder: Path) -> list[str]:
+    return json.loads((Path(folder) / LABELS).read_text())
 
 
 def default_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
@@ -53,13 +99,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A run folder while it trains
-#
-# Training writes straight into the run folder, so a crash, a kill or a Ctrl-C keeps the checkpoints written so far.
-# `INCOMPLETE` is created before anything else and removed only after every file is written: while it exists the
-# folder is not a run you can evaluate, and `lorafit train --resume` can continue it. `.lock` holds the trainer's pid
-# under an advisory lock (flock), which the kernel releases when the process dies however it dies; a lock file left by
-# a dead process is therefore detected and taken over.
+# Locks and a run folder while it trains
 
 
 def is_incomplete(folder: Path) -> bool:
@@ -107,9 +147,11 @@ def lock_holder(folder: Path) -> int | None:
     return None
 
 
-def acquire_lock(folder: Path) -> int:
-    """Lock `folder` for training by this process; return the lock's file descriptor (see release_lock)."""
+def acquire_lock(folder: Path, busy: str | None = None) -> int:
+    """Lock `folder` for this process; return the lock's file descriptor (see release_lock). `busy` is the error
+    message when another live process holds it ({pid} is filled in)."""
     path = Path(folder) / LOCK
+    busy = busy or f"{folder} is being trained by another process (pid {{pid}}, lock {path}); wait for it to finish or stop that process"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
@@ -117,7 +159,7 @@ def acquire_lock(folder: Path) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
-                raise LorafitError(f"{folder} is being trained by another process (pid {_read_pid(path) or '?'}, lock {path}); wait for it to finish or stop that process") from None
+                raise LorafitError(busy.format(pid=_read_pid(path) or "?")) from None
             try:  # the previous holder may have removed the file between our open and flock: lock the new one then
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:
@@ -128,7 +170,7 @@ def acquire_lock(folder: Path) -> int:
         old = _read_pid(path)
         if fcntl is None and old and old != os.getpid() and _pid_alive(old):
             os.close(fd)
-            raise LorafitError(f"{folder} is being trained by another process (pid {old}, lock {path}); wait for it to finish or stop that process")
+            raise LorafitError(busy.format(pid=old))
         if old and old != os.getpid():
             state = "is no longer running" if not _pid_alive(old) else "no longer holds it"
             print(f"note: taking over the stale lock {path} of pid {old}, which {state}", flush=True)
@@ -141,6 +183,18 @@ def acquire_lock(folder: Path) -> int:
 def release_lock(folder: Path, fd: int) -> None:
     (Path(folder) / LOCK).unlink(missing_ok=True)  # before closing, so nobody locks a file that is about to vanish
     os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(folder: Path, busy: str):
+    """Hold `folder`'s lock for the block (a sweep folder: two sweeps would train the same point into one run folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = acquire_lock(folder, busy)
+    try:
+        yield folder
+    finally:
+        release_lock(folder, fd)
 
 
 def _clear(folder: Path, keep: tuple[str, ...] = (LOCK,)) -> None:
@@ -161,9 +215,6 @@ def training_folder(out: Path, resume: bool = False):
     Ctrl-C) the folder is kept when it can be resumed, i.e. it holds a checkpoint or was itself being resumed, and
     removed otherwise, so a run that fails before its first checkpoint leaves nothing behind.
     """
-    from .atomic import atomic_write_text, fsync_dir
-    from .checkpoint import FOLDER as CHECKPOINTS
-
     out = Path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -203,13 +254,11 @@ def training_folder(out: Path, resume: bool = False):
 
 def resume_config(folder: Path, overrides: list[str] = ()) -> Config:
     """The config of an interrupted run, with the few `--set` overrides a resumed run may change."""
-    from .checkpoint import RESUME_OVERRIDES
-
     folder = Path(folder)
     if not folder.is_dir():
         raise LorafitError(f"--resume {folder}: no such run folder; expected a folder written by `lorafit train`")
     if not is_incomplete(folder):
-        if all((folder / f).exists() for f in REQUIRED_FILES):
+        if is_complete(folder):
             raise LorafitError(f"--resume {folder}: the run is already complete; nothing to resume (train a new run with -o, or --overwrite it)")
         raise LorafitError(f"--resume {folder}: not an interrupted lorafit run (no {INCOMPLETE} marker); expected a folder written by `lorafit train`")
     holder = lock_holder(folder)
@@ -220,75 +269,9 @@ def resume_config(folder: Path, overrides: list[str] = ()) -> Config:
     if bad:
         raise LorafitError(f"--resume: {', '.join(bad)} cannot change in a resumed run (it would not continue the same training); "
                            f"a resumed run may change only {', '.join(RESUME_OVERRIDES)}; start a new run to change anything else")
-    path = folder / "config.yaml"
+    path = folder / CONFIG
     if not path.is_file():
         raise LorafitError(f"--resume {folder}: the run was interrupted before it saved config.yaml, so it cannot be resumed; start it again with -o {folder} --overwrite")
     data = read_yaml(path)
-    train = data.get("train") if isinstance(data, dict) else None
-    if isinstance(train, dict) and "pad_to_multiple_of" not in train:
-        train["pad_to_multiple_of"] = 1  # saved before the key existed: such runs padded to the longest text only
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(migrate_saved(data) if isinstance(data, dict) else data, list(overrides))
     return validate(data, str(path) + (" with --set overrides" if overrides else ""))
-
-
-@dataclass
-class LoadedRun:
-    folder: Path
-    cfg: Config
-    label_names: list[str]
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    dtype: torch.dtype
-
-
-def read_run_config(folder: Path) -> Config:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LorafitError(f"run folder {folder} not found; expected a folder written by `lorafit train`")
-    if is_incomplete(folder):
-        holder = lock_holder(folder)
-        if holder:
-            raise LorafitError(f"{folder} is an incomplete run: pid {holder} is training it right now; wait for it to finish")
-        raise LorafitError(f"{folder} is an incomplete run: its training was interrupted; continue it with `lorafit train --resume {folder}`")
-    missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
-    if missing:
-        raise LorafitError(f"{folder} is not a complete lorafit run (missing {', '.join(missing)}); train it again or pick another folder")
-    return validate(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
-
-
-def load_run(folder: Path, precision: str | None = None, merge: bool = False) -> LoadedRun:
-    """The saved adapter and head on top of a freshly loaded base model, ready for inference.
-
-    merge=True folds the adapter into the base weights (in fp32, before any bf16 cast): prediction then costs
-    exactly the base model's matmuls, and on a bf16 CPU the linear weights are packed for oneDNN
-    (`train.pack_weights`); such a model is for inference only. Logits match the unmerged model up to float rounding.
-    """
-    from peft import PeftModel
-
-    from .engine import pick_device, resolve_precision, store_frozen_in
-    from .models import build_model, load_tokenizer
-
-    folder = Path(folder)
-    cfg = read_run_config(folder)
-    label_names = json.loads((folder / "labels.json").read_text())
-    device = pick_device()
-    dtype = resolve_precision(precision or cfg.train.precision, device)
-    base = build_model(cfg, len(label_names), label_names)
-    model = PeftModel.from_pretrained(base, str(folder / "adapter"))
-    if merge:
-        model = model.merge_and_unload()
-        model.requires_grad_(False)
-    model.to(device)
-    model.eval()
-    store_frozen_in(model, dtype)
-    from .fastpath import first_token_last_layer, pack_linear_layers, use_lorafit_attention
-
-    if cfg.train.skip_unused_tokens:
-        first_token_last_layer(model)
-    if cfg.train.fast_attention:
-        use_lorafit_attention(model, cheap_dropout=False, kernel=True)
-    if merge and cfg.train.pack_weights:
-        pack_linear_layers(model)  # after merging: the packed weights are final
-    tokenizer = load_tokenizer(str(folder / "tokenizer"))
-    return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import read_table, to_split
-from .engine import encode, predict_logits
-from .metrics import classification_metrics
-from .runs import LoadedRun, load_run
+from ..atomic import atomic_write_text
+from ..data import read_table, to_split
+from ..metrics import classification_metrics
+from .loaded import LoadedRun, load_run
 
 
 def evaluate_run(run: LoadedRun, source: str) -> dict:
-    cfg = run.cfg
-    split = to_split(read_table(source, "--data"), cfg.data, run.label_names, source)
+    split = to_split(read_table(source, "--data"), run.cfg.data, run.label_names, source)
     for note in split.notes:
         print(f"note: {note}")
-    enc = encode(run.tokenizer, split.texts, split.labels, cfg.model.max_length)
-    logits = predict_logits(run.model, enc, cfg.train.eval_batch_size, run.tokenizer.pad_token_id, run.device, run.dtype, "eval")
-    return classification_metrics(logits, enc.labels, run.label_names)
+    enc = run.encode(split.texts, split.labels)
+    return classification_metrics(run.predict_logits(enc, "eval"), enc.labels, run.label_names)
 
 
 def format_metrics(m: dict, label_names: list[str]) -> str:
@@ -38,5 +36,5 @@ def main(run_dir: Path, data: str, json_out: Path | None, precision: str | None)
     m = evaluate_run(run, data)
     print(format_metrics(m, run.label_names))
     if json_out:
-        json_out.write_text(json.dumps(m, indent=1))
+        atomic_write_text(json_out, json.dumps(m, indent=1))
     return m

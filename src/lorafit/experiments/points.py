@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
-from . import budget as budget_mod
-from .config import Config, _load_yaml, _suggest, all_keys, read_yaml, validate
-from .errors import LorafitError
+from .. import budget as budget_mod
+from ..config import Config, all_keys, load_yaml, migrate_key, read_yaml, suggest, validate
+from ..data import num_labels
+from ..errors import LorafitError
+from ..models import apply_head, build_model
 
 @lru_cache(maxsize=1)
 def leaf_keys() -> frozenset[str]:
@@ -28,15 +30,17 @@ def leaf_keys() -> frozenset[str]:
 
 
 def check_keys(keys, origin: str) -> None:
-    """Every key must be a config leaf; all unknown keys are reported at once with a suggestion."""
-    bad = [k for k in dict.fromkeys(keys) if k not in leaf_keys()]
+    """Every key must be a config leaf (under its current or an earlier name); all unknown keys are reported at
+    once with a suggestion."""
+    bad = [k for k in dict.fromkeys(keys) if migrate_key(k) not in leaf_keys()]
     if bad:
-        raise LorafitError(f"{origin}: unknown key(s) " + "; ".join(f"'{k}' ({_suggest(k)})" for k in bad) + " (see `lorafit keys`)")
+        raise LorafitError(f"{origin}: unknown key(s) " + "; ".join(f"'{k}' ({suggest(k)})" for k in bad) + " (see `lorafit keys`)")
 
 
 def set_key(data: dict, key: str, value: Any) -> None:
+    """Set a dotted key (current or earlier name) in a nested config dict of the current layout."""
     node = data
-    parts = key.split(".")
+    parts = migrate_key(key).split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = copy.deepcopy(value)
@@ -44,7 +48,7 @@ def set_key(data: dict, key: str, value: Any) -> None:
 
 def get_key(cfg: Config | dict, key: str) -> Any:
     node = cfg.to_dict() if isinstance(cfg, Config) else cfg
-    for part in key.split("."):
+    for part in migrate_key(key).split("."):
         node = node[part]
     return node
 
@@ -88,7 +92,7 @@ def _compact(value: Any) -> str:
 def parse_values(raw: str, origin: str) -> list:
     """'2,4,8' -> [2, 4, 8]; '[query,value],[query,key,value]' -> two lists (YAML flow items)."""
     try:
-        values = _load_yaml("[" + raw + "]")
+        values = load_yaml("[" + raw + "]")
     except yaml.YAMLError as e:
         raise LorafitError(f"{origin}: the values are not a valid comma-separated YAML list ({str(e).splitlines()[0]}); put complex values in a --grid-file") from None
     if not values:
@@ -152,21 +156,13 @@ class Skeletons:
         self._labels: dict[str, int] = {}
 
     def num_labels(self, cfg: Config) -> int:
-        from .train import num_labels_for
-
-        n = num_labels_for(cfg)
-        if n is not None:
-            return n
+        """data.num_labels, read once per data source and label settings for a whole sweep."""
         key = json.dumps([cfg.data.source, cfg.data.label_column, cfg.data.label_names])
         if key not in self._labels:
-            from .data import infer_label_names, read_table
-
-            self._labels[key] = len(infer_label_names(read_table(cfg.data.source), cfg.data))
+            self._labels[key] = num_labels(cfg)
         return self._labels[key]
 
     def model(self, cfg: Config, num_labels: int):
-        from .models import apply_head, build_model
-
         base_key = (cfg.model.name, num_labels, "default")
         if base_key not in self._models:
             default = Config.model_validate(cfg.to_dict() | {"model": cfg.model.model_dump() | {"head": "default"}})

@@ -3,6 +3,9 @@
 Each pipeline runs in its own subprocess (so peak RSS is its own), one after the other, on the same model,
 data, LoRA configuration and number of training samples; the table reports ratios against the reference.
 Absolute numbers swing with machine load; the ratios from one run are what to compare.
+
+lorafit's own modules are imported inside the pipeline that uses them, so the Trainer pipelines' processes load
+none of them and their import time and memory are their own.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ BATCH, LR, MAX_LENGTH = 32, 2e-4, 128
 
 
 def _data(train_samples: int, predict_samples: int, seed: int = 0):
-    from .data import builtin_path
+    from ..data import builtin_path
 
     import pandas as pd
 
@@ -59,7 +62,7 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, TrainerCallback
 
-    from .models import builtin_model_dir
+    from ..models import builtin_model_dir
 
     torch.manual_seed(seed)
     path = builtin_model_dir()
@@ -107,10 +110,9 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
 
     import pandas as pd
 
-    from .config import load_config
-    from .engine import encode, predict_logits
-    from .runs import load_run
-    from .train import run
+    from ..config import load_config
+    from ..inference.loaded import load_run
+    from ..training.recipe import run
 
     tmp = Path(tempfile.mkdtemp(prefix="lorafit-bench-"))
     pd.DataFrame({"text": texts, "label": labels}).to_parquet(tmp / "train.parquet")
@@ -122,16 +124,16 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
         f"lora.r={lc['r']}", f"lora.alpha={lc['alpha']}", f"lora.dropout={lc['dropout']}", "lora.target_modules=[query,value]",
         "lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian",
         f"train.batch_size={BATCH}", f"train.lr={LR}", "train.weight_decay=0.1", "train.scheduler=cosine", "train.warmup_ratio=0.1",
-        "train.eval_every=1000000", "train.early_stopping.patience=0", f"train.seed={seed}",
+        "eval.every=1000000", "eval.early_stopping.patience=0", f"train.seed={seed}",
         # with a time budget lorafit plans its schedule to the deadline (train.max_seconds) and makes as many passes
         # over the data as fit; without one it trains the same number of steps as the Trainer pipelines
         *([f"train.max_seconds={minutes * 60}", "train.epochs=1000"] if minutes else [f"train.max_steps={max_steps}"]),
     ]
     res = run(load_config(None, overrides), tmp / "run")
     run = load_run(tmp / "run", merge=True)
-    enc = encode(run.tokenizer, test_texts, test_labels, MAX_LENGTH)
+    enc = run.encode(test_texts, test_labels)
     t = time.perf_counter()
-    logits = predict_logits(run.model, enc, run.cfg.train.eval_batch_size, run.tokenizer.pad_token_id, run.device, run.dtype)
+    logits = run.predict_logits(enc)
     predict_s = time.perf_counter() - t
     acc = float((logits.argmax(-1) == test_labels).mean())
     return dict(steps=res.steps, samples=res.steps * BATCH, train_s=res.train_seconds, predict_s=predict_s, accuracy=acc, model_config=run.model.config)
@@ -140,7 +142,7 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
 def run_one(kind: str, train_samples: int, predict_samples: int, minutes: float | None, seed: int) -> dict:
     """One pipeline, in this process; returns its measurements as a JSON-able dict."""
     texts, labels, test_texts, test_labels = _data(train_samples if not minutes else 0, predict_samples, seed)
-    from .models import builtin_model_dir  # noqa: F401  (fail early if the model package is missing)
+    from ..models import builtin_model_dir  # noqa: F401  (fail early if the model package is missing)
 
     # one epoch over the data sets the schedule; with a time budget, training also stops at the deadline
     steps = math.ceil(len(texts) / BATCH)
@@ -196,7 +198,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from .engine import cpu_has_bf16
+    from ..fast.device import cpu_has_bf16
 
     return f"{cpu}, {torch.get_num_threads()} threads, AVX-512 BF16: {'yes' if cpu_has_bf16() else 'no'}, torch {torch.__version__}, Python {platform.python_version()}"
 
@@ -229,7 +231,7 @@ def main(train_samples: int = 1280, predict_samples: int = 1000, minutes: float 
     results = []
     for kind in pipelines:
         print(f"bench: {kind} ({DESCRIPTION[kind]}) ...", flush=True)
-        cmd = [sys.executable, "-m", "lorafit.bench", kind, str(train_samples), str(predict_samples), str(minutes or 0), str(seed)]
+        cmd = [sys.executable, "-m", "lorafit.experiments.bench", kind, str(train_samples), str(predict_samples), str(minutes or 0), str(seed)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"bench pipeline {kind} failed:\n{p.stderr[-3000:]}")
@@ -266,9 +268,9 @@ if __name__ == "__main__":
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .models import _quiet_transformers
+    from ..models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     import contextlib
     import io
 

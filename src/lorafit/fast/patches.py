@@ -1,7 +1,8 @@
 """Work the classifier does not need, removed without changing what it computes.
 
 - Dropout masks on CPU: `torch.nn.Dropout` draws one Bernoulli sample per element from the CPU generator, and with
-  hidden, attention and LoRA dropout that was a third of a MiniLM training step on this machine. Here one 64-bit
+  hidden, attention and LoRA dropout that is a large share of a small encoder's training step (docs/performance.md
+  has the measurements of every item here). Here one 64-bit
   draw gives four 16-bit uniforms, so a mask costs a quarter of the generator calls; the drop probability is
   rounded to a multiple of 1/65536 and the kept values are scaled by the exact 1/(1 - p) of that probability.
   Masks come from torch's default generator, so `torch.manual_seed` and checkpointed RNG states reproduce them.
@@ -26,7 +27,8 @@ import math
 import torch
 from torch import nn
 
-from .engine import cpu_has_bf16
+from . import kernels
+from .device import cpu_has_bf16
 
 _LEVELS = 1 << 16
 
@@ -94,8 +96,6 @@ def lorafit_attention(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if kernel and dropout == 0.0 and not (getattr(module, "is_causal", False) or kwargs.get("is_causal")):
-        from . import kernels
-
         if kernels.attention_applies(query, key, value, attention_mask):
             return kernels.attention(query, key, value, attention_mask, scaling), None
     if not cheap_dropout or dropout == 0.0 or query.device.type != "cpu":
@@ -134,10 +134,8 @@ def use_lorafit_attention(model: nn.Module, cheap_dropout: bool, kernel: bool) -
         return None
     cheap_dropout = cheap_dropout and any(p > 0 for p in _attention_dropouts(model))
     if kernel:  # the kernel takes bf16 only: a model stored in bf16 on the CPU
-        from .kernels import attention_kernel
-
         params = list(model.parameters())
-        kernel = all(p.device.type == "cpu" for p in params) and any(p.dtype == torch.bfloat16 for p in params) and attention_kernel() is not None
+        kernel = all(p.device.type == "cpu" for p in params) and any(p.dtype == torch.bfloat16 for p in params) and kernels.attention_kernel() is not None
     name = next((n for n, flags in ATTENTIONS.items() if flags == (cheap_dropout, kernel)), None)
     if name is None:
         return None
@@ -263,7 +261,7 @@ def pack_linear_layers(model: nn.Module) -> int:
     feed-forward layers; returns how many were swapped (0 where oneDNN or its bf16 ops are missing).
 
     For prediction only (a merged model, no gradients). bf16 only: that is where the packed layout measured faster
-    here (~15% on a whole MiniLM prediction); fp32 linears keep torch's MKL path."""
+    (docs/performance.md); fp32 linears keep torch's MKL path."""
     from transformers.activations import GELUActivation
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
@@ -282,16 +280,16 @@ def pack_linear_layers(model: nn.Module) -> int:
     return n
 
 
-def apply(model: nn.Module, train) -> list[str]:
-    """Switch on what the `train` config section asks for and this model supports; returns what is in effect."""
+def apply(model: nn.Module, speed) -> list[str]:
+    """Switch on what the `speed` config section asks for and this model supports, for training; returns what is in effect."""
     on = []
-    if train.fast_dropout and use_fast_dropout(model):
+    if speed.fast_dropout and use_fast_dropout(model):
         on.append("fast dropout masks")
-    attention = use_lorafit_attention(model, cheap_dropout=train.fast_dropout, kernel=train.fast_attention)
+    attention = use_lorafit_attention(model, cheap_dropout=speed.fast_dropout, kernel=speed.fast_attention)
     if attention:
         on.append(f"attention via {attention}")
-    if train.fast_dora and use_fast_dora(model):
+    if speed.fast_dora and use_fast_dora(model):
         on.append("DoRA scales in the compute dtype")
-    if train.skip_unused_tokens and first_token_last_layer(model):
+    if speed.skip_unused_tokens and first_token_last_layer(model):
         on.append("first-token-only last layer")
     return on

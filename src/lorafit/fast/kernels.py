@@ -1,12 +1,12 @@
 """lorafit's one compiled kernel: attention for inference on CPUs with AVX-512 BF16 (csrc/attention.c).
 
 PyTorch's CPU flash attention splits every head into blocks of 32 queries and multiplies them through small GEMM
-calls; at the 30-130 tokens of a news text those calls' fixed cost is most of the time, and attention took a fifth
-of a MiniLM prediction. The kernel keeps a whole head in L1 cache and uses the bf16 dot-product instruction
+calls; at the few dozen tokens of a news text those calls' fixed cost is most of the time (docs/performance.md
+has the profile). The kernel keeps a whole head in L1 cache and uses the bf16 dot-product instruction
 directly, with the same numerics (exact products, fp32 sums and softmax, probabilities rounded to bf16).
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into `~/.cache/lorafit` (or
-`$LORAFIT_CACHE_DIR`), about a second, and reused after that. It links libgomp by soname, so in a process that
+`$LORAFIT_CACHE_DIR`) and reused after that. It links libgomp by soname, so in a process that
 imported torch it runs on torch's own OpenMP threads (torch.get_num_threads() of them), not on a second pool.
 Where it cannot run (no AVX-512 BF16, no compiler, a failed build, `LORAFIT_KERNELS=0`) callers get None and keep
 SDPA.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import cpu_flags
+from .device import cpu_flags
 
 SOURCE = Path(__file__).with_name("csrc") / "attention.c"
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared")
@@ -75,7 +75,7 @@ def attention_kernel():
         except OSError as e:
             why = str(e)
     if why:
-        warnings.warn(f"lorafit: attention kernel unavailable ({why}); using PyTorch's SDPA, which is slower here. Set CC to a C compiler with AVX-512 BF16 support to enable it", stacklevel=2)
+        warnings.warn(f"lorafit: attention kernel unavailable ({why}); using PyTorch's SDPA, which is slower on this CPU. Set CC to a C compiler with AVX-512 BF16 support to enable it", stacklevel=2)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     strides = ctypes.POINTER(ctypes.c_int64)

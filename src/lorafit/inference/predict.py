@@ -7,7 +7,6 @@ the run's `data.text_columns` and preprocessed with its `data.preprocess` steps,
 from __future__ import annotations
 
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import LorafitError
-from .runs import LoadedRun, load_run
+from .. import preprocess, runs
+from ..atomic import atomic_write
+from ..data import join_texts, read_table, to_split
+from ..errors import LorafitError
+from .loaded import LoadedRun, load_run
 
 INPUT_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".json", ".pkl", ".pickle")
 OUTPUT_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
@@ -46,8 +48,6 @@ class Classifier:
 
     def prepare(self, texts) -> list[str]:
         """Raw texts (or a DataFrame with the run's text columns) -> the model's input strings."""
-        from . import preprocess
-
         if isinstance(texts, pd.DataFrame):
             return texts_of_frame(texts, self.cfg, self.label_names, "DataFrame")[0]
         if isinstance(texts, str):
@@ -60,13 +60,9 @@ class Classifier:
 
     def logits_of_prepared(self, texts: list[str], progress: str | None = None) -> np.ndarray:
         """Logits (rows in input order) for texts already passed through `prepare`."""
-        from .engine import encode, predict_logits
-
         if not texts:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)
-        run = self.run
-        enc = encode(run.tokenizer, texts, np.full(len(texts), -1), self.cfg.model.max_length)
-        return predict_logits(run.model, enc, self.cfg.train.eval_batch_size, run.tokenizer.pad_token_id, run.device, run.dtype, progress)
+        return self.run.predict_logits(self.run.encode(texts), progress)
 
     def logits(self, texts) -> np.ndarray:
         return self.logits_of_prepared(self.prepare(texts))
@@ -82,11 +78,7 @@ class Classifier:
 
 def load(run_dir: str | Path, precision: str | None = None) -> Classifier:
     """Load a run folder written by `lorafit train` for inference (precision: the run's own unless given)."""
-    import warnings
-
-    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return Classifier(load_run(Path(run_dir), precision, merge=True))
+    return Classifier(load_run(Path(run_dir), precision, merge=True))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -101,8 +93,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def read_input(source: str) -> pd.DataFrame:
     """A table to label: a .csv/.tsv/.parquet/.jsonl file, a pickled DataFrame or datasets.Dataset, or '-' (JSON lines on stdin)."""
-    from .data import read_table
-
     if source == "-":
         return _read_stdin()
     suffix = Path(source).suffix.lower()
@@ -153,10 +143,8 @@ def _read_pickle(path: Path) -> pd.DataFrame:
 
 def texts_of_frame(df: pd.DataFrame, cfg, label_names: list[str], source: str) -> tuple[list[str], int]:
     """Model input strings for every row (none dropped, unlike training data), and how many rows had no text."""
-    from .data import _join_texts, to_split
-
     cols = list(cfg.data.text_columns)
-    has_text = (_join_texts(df, cols, source) != "").to_numpy()  # names the missing text column, if any
+    has_text = (join_texts(df, cols, source) != "").to_numpy()  # names the missing text column, if any
     if not has_text.any():
         raise LorafitError(f"{source}: every one of the {len(df)} rows has empty text in {cols}; expected text in the run's data.text_columns")
     texts = [""] * len(df)
@@ -202,13 +190,16 @@ def check_output(output: str, overwrite: bool) -> None:
         raise LorafitError(f"--output: folder {path.parent} does not exist; create it first or pick another path")
 
 
-def _write_frame(df: pd.DataFrame, path: Path, suffix: str) -> None:
+def _write_frame(df: pd.DataFrame, f, suffix: str) -> None:
+    """Write to the binary file `f`."""
+    if suffix == ".parquet":
+        df.to_parquet(f, index=False)
+        return
     if suffix in (".csv", ".tsv"):
-        df.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
-    elif suffix == ".parquet":
-        df.to_parquet(path, index=False)
+        text = df.to_csv(index=False, sep="\t" if suffix == ".tsv" else ",")
     else:
-        df.to_json(path, orient="records", lines=True, force_ascii=False)
+        text = df.to_json(orient="records", lines=True, force_ascii=False)
+    f.write(text.encode("utf-8"))
 
 
 def write_output(df: pd.DataFrame, output: str) -> None:
@@ -219,13 +210,7 @@ def write_output(df: pd.DataFrame, output: str) -> None:
         sys.stdout.flush()
         return
     path = Path(output)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.partial"
-    try:
-        _write_frame(df, tmp, path.suffix.lower())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: _write_frame(df, f, path.suffix.lower()))
 
 
 def predictions_frame(ids_name: str, ids: pd.Series, logits: np.ndarray, label_names: list[str], label_column: str, labels: str, proba: bool) -> pd.DataFrame:
@@ -244,14 +229,10 @@ def main(run_dir: Path, source: str, output: str, id_column: str | None = None, 
     def note(msg: str) -> None:  # stdout may carry the predictions
         print(msg, file=sys.stderr, flush=True)
 
-    import json
-
-    from .runs import read_run_config
-
     # every check that needs no model first: a bad input fails in a second, not after loading the model
     check_output(output, overwrite)
-    cfg = read_run_config(run_dir)
-    label_names = json.loads((Path(run_dir) / "labels.json").read_text())
+    cfg = runs.read_run_config(run_dir)
+    label_names = runs.read_labels(run_dir)
     where = "stdin" if source == "-" else source
     df = read_input(source)
     ids_name, ids = row_ids(df, id_column, where)

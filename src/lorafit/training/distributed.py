@@ -25,7 +25,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LorafitError
+from ..errors import LorafitError
+from ..runs import CHECKPOINTS
 
 TIMEOUT_ENV = "LORAFIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 180.0
@@ -179,7 +180,7 @@ class Dist:
             raise error
         if not self.started:
             if device is None:
-                from .engine import pick_device
+                from ..fast.device import pick_device  # imports torch: only in a multi-process run
 
                 device = pick_device()
             try:
@@ -276,7 +277,7 @@ class Dist:
         """Logits of every row of `enc`: each process predicts a length-balanced share, and all gather the shares."""
         import numpy as np
 
-        from .engine import Encoded
+        from ..batching import Encoded  # imports torch: only in a multi-process run
 
         order = np.argsort(-enc.lengths, kind="stable")[self.rank :: self.world]
         part = predict(Encoded([enc.ids[i] for i in order], enc.labels[order]))
@@ -370,9 +371,7 @@ class Dist:
             if not isinstance(e, Stopped) and not is_comm_error(e):
                 raise
             out = self.out or Path(out)
-            from .checkpoint import FOLDER
-
-            ck = Path(out) / FOLDER
+            ck = Path(out) / CHECKPOINTS
             resumable = resume or (ck.is_dir() and any(p.suffix == ".pt" for p in ck.iterdir()))
             raise PeerFailure(self.stopped_message(out, resumable)) from None
 

@@ -12,21 +12,92 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write, fsync_dir
-from .errors import LorafitError
+from ..atomic import atomic_write, fsync_dir
+from ..config import RESUME_OVERRIDES, differing_keys, migrate_saved
+from ..errors import LorafitError
+from ..runs import CHECKPOINTS
 
-FOLDER = "checkpoints"
 FORMAT = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
-# Keys a resumed run may change: they do not alter what the remaining steps compute (threads, evaluation batch
-# size, checkpointing), or they are the usual fixes after a numerical fault (a lower lr, fp32).
-RESUME_OVERRIDES = ("train.lr", "train.precision", "train.num_threads", "train.eval_batch_size", "train.checkpoint_every", "train.keep_checkpoints")
+
+@dataclass
+class Progress:
+    """Where the loop stands: what a checkpoint holds besides weights, optimizer, schedule, RNG and results."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index of the next batch in the epoch's order (a pure function of seed and epoch)
+    done: bool = False
+    run_loss: float = 0.0  # train loss summed since the last evaluation
+    run_n: int = 0
+    seen: int = 0
+    elapsed: float = 0.0  # training seconds spent before this process took over
+
+
+@dataclass
+class Result:
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_value: float | None = None
+    steps: int = 0
+    epochs_run: float = 0.0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainingState:
+    """Everything the loop carries from step to step; a checkpoint is this, packed (see pack and restore)."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: object  # lorafit.schedule.Schedule
+    trainable: dict[str, torch.nn.Parameter]
+    progress: Progress = field(default_factory=Progress)
+    result: Result = field(default_factory=Result)
+    best: dict[str, torch.Tensor] | None = None  # the trainable weights of the best evaluation so far
+
+
+def pack(state: TrainingState, config: dict, processes: int = 1, rngs: list | None = None) -> dict:
+    """A checkpoint's content; several processes add every process's RNG state (LoRA dropout draws differ per process)."""
+    extra = {"processes": processes, "rng_ranks": rngs} if processes > 1 else {}
+    return extra | {
+        "config": config,
+        "progress": asdict(state.progress),
+        "result": asdict(state.result),
+        "trainable": {k: v.detach().cpu().clone() for k, v in state.trainable.items()},
+        "best": {k: v.cpu() for k, v in state.best.items()} if state.best is not None else None,
+        "optimizer": state.optimizer.state_dict(),
+        "schedule": state.schedule.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def restore(state: TrainingState, saved: dict, config: dict, device) -> float | None:
+    """Load a checkpoint into the freshly set-up weights, optimizer and schedule (the RNG is restored by the caller,
+    last). Returns the lr the checkpoint was trained with when `config` asks for another one, else None."""
+    saved_config = migrate_saved(saved["config"])
+    changed = differing_keys(saved_config, config, ignore=RESUME_OVERRIDES)
+    if changed:
+        raise LorafitError(f"{saved['path']} was written with a different config ({', '.join(changed[:5])} differ); resume with the run's own config.yaml or start a new run")
+    if set(saved["trainable"]) != set(state.trainable):
+        raise LorafitError(f"{saved['path']} does not hold this model's trainable parameters; resume with the run's own config.yaml or start a new run")
+    with torch.no_grad():
+        for name, p in state.trainable.items():
+            p.copy_(saved["trainable"][name])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.schedule.load_state_dict(saved["schedule"])
+    state.progress, state.result = Progress(**saved["progress"]), Result(**saved["result"])
+    state.best = {k: v.to(device) for k, v in saved["best"].items()} if saved["best"] is not None else None
+    old_lr = saved_config["train"]["lr"]
+    return old_lr if config["train"]["lr"] != old_lr else None
 
 
 def rng_state() -> dict:
@@ -57,7 +128,7 @@ class Checkpoints:
     """The checkpoint files of one run folder: write (atomically), prune to the newest `keep` plus the best, find the newest."""
 
     def __init__(self, run_folder: Path, every: int | None, keep: int):
-        self.folder = Path(run_folder) / FOLDER
+        self.folder = Path(run_folder) / CHECKPOINTS
         self.every, self.keep = every, keep
 
     def paths(self) -> list[Path]:

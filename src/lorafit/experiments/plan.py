@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import budget as budget_mod
-from .config import Config
-from .errors import LorafitError
-from .models import head_modules
+from .. import budget as budget_mod
+from ..atomic import atomic_write_text
+from ..config import Config
+from ..errors import LorafitError
+from ..models import head_modules, layers_pattern, matched_modules
 from .points import Skeletons, apply_point, flow
 
 DEFAULT_RANKS = (2, 4, 8, 16)
@@ -66,10 +67,8 @@ class Plan:
 def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
     """The non-head Linear modules of the transformer blocks by role (q, k, v, o, ffn), the layer indices and
     the name of the block list ('layer')."""
-    from .models import _layers_pattern, head_modules
-
     heads = head_modules(model)
-    lp = _layers_pattern(model)
+    lp = layers_pattern(model)
     if lp is None:
         raise LorafitError(f"lorafit plan: found no numbered transformer blocks in {model.config.model_type}; plan needs an encoder with layers like 'layer.0.'")
     rx = re.compile(rf"^(?:.*\.)?{re.escape(lp)}\.(\d+)\.(.+)$")
@@ -121,6 +120,30 @@ def _number(x: float):
     return int(x) if float(x).is_integer() else x
 
 
+def _target_sets(base: Config, model, roles: dict[str, list[str]], names: list[str]) -> dict[str, object]:
+    """Target sets as the model names them; a set that adapts the same modules as an earlier one is dropped."""
+    targets: dict[str, object] = {}
+    seen = set()
+    for label, wanted_roles in TARGET_SETS.items():
+        value = "all-linear" if wanted_roles is None else target_names(names, {m for r in wanted_roles for m in roles[r]})
+        if not value:
+            continue
+        probe = apply_point(base, {"lora.target_modules": value, "lora.layers_to_transform": None, "lora.rank_pattern": {}, "model.head": "default"}, "plan")
+        matched = frozenset(matched_modules(model, probe))
+        if matched in seen:
+            continue
+        seen.add(matched)
+        targets[label] = value
+    return targets
+
+
+def _heads(base: Config, skeletons: Skeletons, qv_targets) -> list[str]:
+    """The head choices worth counting: `linear` only where it differs from the model's own head."""
+    probe = {"lora.target_modules": qv_targets, "lora.layers_to_transform": None, "lora.rank_pattern": {}}
+    head_params = {h: skeletons.budget(apply_point(base, probe | {"model.head": h}, "plan")).parts["head"] for h in ("default", "linear")}
+    return ["default"] + (["linear"] if head_params["linear"] != head_params["default"] else [])
+
+
 def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANKS, skeletons: Skeletons | None = None) -> Plan:
     """Count every combination on one weightless skeleton and keep those within the budget, largest first."""
     skeletons = skeletons or Skeletons()
@@ -133,26 +156,8 @@ def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANK
     upper_regex = rf"{lp}\.({'|'.join(map(str, upper))})\..*"
     ratio = base.lora.alpha / base.lora.r
 
-    # target sets as the model names them; a set that adapts the same modules as an earlier one is dropped
-    targets: dict[str, object] = {}
-    seen = set()
-    for label, wanted_roles in TARGET_SETS.items():
-        value = "all-linear" if wanted_roles is None else target_names(names, {m for r in wanted_roles for m in roles[r]})
-        if not value:
-            continue
-        probe = apply_point(base, {"lora.target_modules": value, "lora.layers_to_transform": None, "lora.rank_pattern": {}, "model.head": "default"}, "plan")
-        matched = frozenset(budget_mod.matched_modules(model, probe))
-        if matched in seen:
-            continue
-        seen.add(matched)
-        targets[label] = value
-
-    heads = ["default"]
-    probe = {"lora.target_modules": targets["q,v"], "lora.layers_to_transform": None, "lora.rank_pattern": {}}
-    head_params = {h: skeletons.budget(apply_point(base, probe | {"model.head": h}, "plan")).parts["head"] for h in ("default", "linear")}
-    if head_params["linear"] != head_params["default"]:
-        heads.append("linear")
-
+    targets = _target_sets(base, model, roles, names)
+    heads = _heads(base, skeletons, targets["q,v"])
     base_dict = base.to_dict()
     fits, counted = [], 0
     for label, value in targets.items():
@@ -212,4 +217,4 @@ def write(plan: Plan, path: Path, config_path: Path | None) -> None:
     for i, c in enumerate(plan.fits, 1):
         lines.append(f"- {flow(c.overrides)}  # {i}: {c.total:,} trainable, margin {c.budget.margin:,} ({c.targets}, r {c.r}, dora {'on' if c.dora else 'off'}, head {c.head}, layers {c.layers})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")

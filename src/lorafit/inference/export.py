@@ -15,7 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LorafitError
+from .. import runs
+from ..batching import encode, predict_logits
+from ..errors import LorafitError
+from ..models import FirstTokenHead, build_model
+from .loaded import load_run
 
 MAX_ABS_DIFF = 1e-4
 PROBE_TEXTS = [
@@ -31,8 +35,6 @@ PROBE_TEXTS = [
 
 def _check_head_exportable(cfg, n_labels: int) -> None:
     """`model.head: linear` on RoBERTa-like models swaps in lorafit's FirstTokenHead, which transformers cannot rebuild."""
-    from .models import FirstTokenHead, build_model
-
     skeleton = build_model(cfg, n_labels, weights=False)  # meta device: no weights loaded
     if any(isinstance(m, FirstTokenHead) for m in skeleton.modules()):
         raise LorafitError(
@@ -56,8 +58,7 @@ def _plain_head(model: nn.Module) -> nn.Module:
 
 
 def _logits(model: nn.Module, tokenizer, max_length: int) -> np.ndarray:
-    from .engine import encode, predict_logits
-
+    """fp32 CPU logits of the probe texts: any model (the run, or the plain transformers export reloaded)."""
     enc = encode(tokenizer, PROBE_TEXTS, np.zeros(len(PROBE_TEXTS)), max_length)
     return predict_logits(model, enc, len(PROBE_TEXTS), tokenizer.pad_token_id, torch.device("cpu"), torch.float32)
 
@@ -66,8 +67,6 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
     """Merge the run's adapter into its base model and save a plain transformers model + tokenizer to `out`."""
     from transformers import AutoModelForSequenceClassification
 
-    from .runs import load_run, read_run_config
-
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise LorafitError(f"--merged: {out} is a file; expected a folder to write the model into")
@@ -75,8 +74,8 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
         raise LorafitError(f"--merged: {out} already exists and is not empty; pass --overwrite to replace it or pick another folder")
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise LorafitError(f"--merged: {out} is inside the run folder {run_dir}; pick a folder outside it")
-    cfg = read_run_config(run_dir)
-    label_names = json.loads((run_dir / "labels.json").read_text())
+    cfg = runs.read_run_config(run_dir)
+    label_names = runs.read_labels(run_dir)
     _check_head_exportable(cfg, len(label_names))
 
     run = load_run(run_dir, "fp32")  # unmerged: the logits the export is checked against
