@@ -30,11 +30,20 @@ class Encoded:
 
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
-    out = tokenizer(texts, truncation=True, max_length=max_length, padding=False, return_attention_mask=False, return_token_type_ids=False)
+    out = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
     return Encoded(ids=out["input_ids"], labels=np.asarray(labels, dtype=np.int64))
 
 
-def collate(enc: Encoded, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate(
+    enc: Encoded, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1
+) -> dict[str, torch.Tensor]:
     """The rows `index` padded to their longest, rounded up to a multiple of `multiple` (right padding), with the
     attention mask."""
     rows = [enc.ids[i] for i in index]
@@ -43,10 +52,15 @@ def collate(enc: Encoded, index: np.ndarray, pad_id: int, device: torch.device, 
     mask = np.arange(width) < lengths[:, None]
     ids = np.full(mask.shape, pad_id, dtype=np.int64)
     ids[mask] = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(lengths.sum()))  # row-major fill
-    return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device)}
+    return {
+        "input_ids": torch.from_numpy(ids).to(device),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device),
+    }
 
 
-def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[np.ndarray]:
+def train_batches(
+    lengths: np.ndarray, batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> list[np.ndarray]:
     """One epoch's batches, a pure function of (seed, epoch) so a resumed run sees the same order.
 
     With grouping, a shuffled order is cut into mega-batches of 50 batches, each sorted by length, and the
@@ -56,7 +70,12 @@ def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
     order = rng.permutation(len(lengths))
     if group_by_length:
         mega = batch_size * 50
-        order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")] for chunk in np.array_split(order, max(1, -(-len(order) // mega)))])
+        order = np.concatenate(
+            [
+                chunk[np.argsort(-lengths[chunk], kind="stable")]
+                for chunk in np.array_split(order, max(1, -(-len(order) // mega)))
+            ]
+        )
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -69,7 +88,15 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, device: torch.device, dtype: torch.dtype, progress: str | None = None) -> np.ndarray:
+def predict_logits(
+    model: nn.Module,
+    enc: Encoded,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: str | None = None,
+) -> np.ndarray:
     """Logits for every row, in input order (batches run longest first, sorted by length)."""
     from tqdm.auto import tqdm
 
@@ -77,7 +104,14 @@ def predict_logits(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int,
     model.eval()
     out = np.zeros((len(enc), model.config.num_labels), dtype=np.float32)
     batches = eval_batches(enc.lengths, batch_size)
-    bar = tqdm(total=len(enc), desc=progress, unit="ex", leave=False, disable=progress is None or len(enc) < 2 * batch_size, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(enc),
+        desc=progress,
+        unit="ex",
+        leave=False,
+        disable=progress is None or len(enc) < 2 * batch_size,
+        dynamic_ncols=True,
+    )
     for index in batches:
         with autocast(device, dtype):
             logits = model(**collate(enc, index, pad_id, device)).logits

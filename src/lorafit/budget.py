@@ -20,11 +20,11 @@ from .models import build_model, head_modules, matched_modules
 @dataclass
 class Budget:
     model: str
-    parts: dict[str, int]                      # lora_A, lora_B, dora_magnitude, head, bias
-    per_module: dict[str, dict[str, int]]      # module name suffix -> {modules, params}
+    parts: dict[str, int]  # lora_A, lora_B, dora_magnitude, head, bias
+    per_module: dict[str, dict[str, int]]  # module name suffix -> {modules, params}
     total: int
     max_trainable: int
-    base_total: int = 0                       # all parameters of the base model with its head
+    base_total: int = 0  # all parameters of the base model with its head
     head_modules: list[str] = field(default_factory=list)
 
     @property
@@ -45,7 +45,9 @@ class Budget:
             lines.append(f"    {k:<{width}}{v['params']:>12,}  in {v['modules']} modules")
         if self.head_modules:
             lines.append(f"  head modules (train fully): {', '.join(self.head_modules)}")
-        lines.append(f"  {'total':<{width + 2}}{self.total:>12,}  ({100 * self.total / max(self.base_total, 1):.2f}% of {self.base_total:,})")
+        lines.append(
+            f"  {'total':<{width + 2}}{self.total:>12,}  ({100 * self.total / max(self.base_total, 1):.2f}% of {self.base_total:,})"
+        )
         word = "margin" if self.margin >= 0 else "OVER BUDGET by"
         lines.append(f"  {'budget':<{width + 2}}{self.max_trainable:>12,}  {word} {abs(self.margin):,}")
         return "\n".join(lines)

@@ -25,9 +25,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, help="YAML config file (default: the embedded default, builtin:minilm on builtin:ag_news_sample)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, value parsed as YAML (repeatable), e.g. --set lora.r=8 --set lora.target_modules=[query,value]")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="YAML config file (default: the embedded default, builtin:minilm on builtin:ag_news_sample)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, value parsed as YAML (repeatable), e.g. --set lora.r=8 --set lora.target_modules=[query,value]",
+    )
 
 
 def parse_ints(raw: str, flag: str) -> list[int]:
@@ -49,8 +60,13 @@ def add_train(sub) -> None:
     _config_args(p)
     p.add_argument("-o", "--output", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its newest checkpoint "
-                   "(--set may change only train.lr, train.precision, speed.num_threads, eval.batch_size, checkpoint.*)")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue an interrupted run from its newest checkpoint "
+        "(--set may change only train.lr, train.precision, speed.num_threads, eval.batch_size, checkpoint.*)",
+    )
     p.set_defaults(fn=cmd_train)
 
 
@@ -62,7 +78,9 @@ def cmd_train(a) -> int:
     if a.resume:
         given = [flag for flag, value in (("-c", a.config), ("-o", a.output), ("--overwrite", a.overwrite)) if value]
         if given:
-            raise LorafitError(f"--resume continues a run with its own config.yaml in its own folder; drop {', '.join(given)}")
+            raise LorafitError(
+                f"--resume continues a run with its own config.yaml in its own folder; drop {', '.join(given)}"
+            )
         run(resume_config(a.resume, a.overrides), a.resume, resume=True)
         return 0
     cfg = load_config(a.config, a.overrides)
@@ -73,7 +91,9 @@ def cmd_train(a) -> int:
 
 
 def add_budget(sub) -> None:
-    p = sub.add_parser("budget", help="count trainable parameters by part without loading weights; exit 3 when over budget")
+    p = sub.add_parser(
+        "budget", help="count trainable parameters by part without loading weights; exit 3 when over budget"
+    )
     _config_args(p)
     p.add_argument("--json", type=Path, help="also write the breakdown as JSON")
     p.set_defaults(fn=cmd_budget)
@@ -98,7 +118,11 @@ def cmd_budget(a) -> int:
 
 def add_keys(sub) -> None:
     p = sub.add_parser("keys", help="list every config key with its default and meaning")
-    p.add_argument("--markdown", action="store_true", help="print the reference as a Markdown table (the README's config reference)")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the reference as a Markdown table (the README's config reference)",
+    )
     p.set_defaults(fn=cmd_keys)
 
 
@@ -139,12 +163,20 @@ def cmd_eval(a) -> int:
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="label a file with a trained run (ids kept, input order kept)")
     p.add_argument("run", type=Path, help=RUN_HELP)
-    p.add_argument("--input", required=True, help="a .csv/.tsv/.parquet/.jsonl file, a pickled DataFrame or datasets.Dataset "
-                   "(.pkl; unpickling runs code, use trusted files), or - for JSON lines on stdin")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a .csv/.tsv/.parquet/.jsonl file, a pickled DataFrame or datasets.Dataset "
+        "(.pkl; unpickling runs code, use trusted files), or - for JSON lines on stdin",
+    )
     p.add_argument("--output", required=True, help="a .csv/.tsv/.parquet/.jsonl file, or - for JSON lines on stdout")
-    p.add_argument("--id-column", help="input column carried over as the id (default: ID when present, else the row number from 0)")
+    p.add_argument(
+        "--id-column", help="input column carried over as the id (default: ID when present, else the row number from 0)"
+    )
     p.add_argument("--label-column", default="label", help="name of the predicted-label column (default: label)")
-    p.add_argument("--labels", choices=["names", "ids"], default="names", help="write class names (default) or class ids")
+    p.add_argument(
+        "--labels", choices=["names", "ids"], default="names", help="write class names (default) or class ids"
+    )
     p.add_argument("--proba", action="store_true", help="add one probability column per class (proba_NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--precision", choices=PRECISIONS, help="override the run's precision")
@@ -172,9 +204,20 @@ def cmd_report(a) -> int:
 
 
 def add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="compare runs: differing config keys and results (Markdown, CSV) and a validation-loss overlay (HTML, PNG)")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders, or sweep folders whose subfolders are runs")
-    p.add_argument("-o", "--output", type=Path, required=True, help="folder for comparison.md/.csv/.html and val_loss.png (files there are replaced)")
+    p = sub.add_parser(
+        "compare",
+        help="compare runs: differing config keys and results (Markdown, CSV) and a validation-loss overlay (HTML, PNG)",
+    )
+    p.add_argument(
+        "runs", type=Path, nargs="+", metavar="RUN", help="run folders, or sweep folders whose subfolders are runs"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="folder for comparison.md/.csv/.html and val_loss.png (files there are replaced)",
+    )
     p.set_defaults(fn=cmd_compare)
 
 
@@ -192,7 +235,13 @@ def cmd_compare(a) -> int:
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="merge the adapter into the base model and save a plain transformers model")
     p.add_argument("run", type=Path, help=RUN_HELP)
-    p.add_argument("--merged", type=Path, required=True, metavar="DIR", help="folder for the merged model and tokenizer (loadable without peft)")
+    p.add_argument(
+        "--merged",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the merged model and tokenizer (loadable without peft)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(fn=cmd_export)
 
@@ -201,11 +250,15 @@ def cmd_export(a) -> int:
     from .inference.export import export_merged
 
     info = export_merged(a.run, a.merged, a.overwrite)
-    print(f"exported the merged {info['model_type']} model and tokenizer to {a.merged} "
-          f"(max abs logit difference to the run: {info['max_abs_logit_diff']:.1e}, fp32); "
-          f"load it with AutoModelForSequenceClassification.from_pretrained({str(a.merged)!r})")
+    print(
+        f"exported the merged {info['model_type']} model and tokenizer to {a.merged} "
+        f"(max abs logit difference to the run: {info['max_abs_logit_diff']:.1e}, fp32); "
+        f"load it with AutoModelForSequenceClassification.from_pretrained({str(a.merged)!r})"
+    )
     if info["preprocess"]:
-        print(f"note: the run preprocesses texts ({', '.join(info['preprocess'])}); apply the same steps before calling the exported model")
+        print(
+            f"note: the run preprocesses texts ({', '.join(info['preprocess'])}); apply the same steps before calling the exported model"
+        )
     return 0
 
 
@@ -214,11 +267,25 @@ def cmd_export(a) -> int:
 
 
 def add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="list the adapter layouts (targets, rank, DoRA, head, layers) that fit the budget, without loading weights")
+    p = sub.add_parser(
+        "plan",
+        help="list the adapter layouts (targets, rank, DoRA, head, layers) that fit the budget, without loading weights",
+    )
     _config_args(p)
-    p.add_argument("--budget", type=int, metavar="N", help="trainable-parameter budget (default: the config's budget.max_trainable)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        metavar="N",
+        help="trainable-parameter budget (default: the config's budget.max_trainable)",
+    )
     p.add_argument("--ranks", default="2,4,8,16", metavar="R,R,...", help="ranks to try (default: 2,4,8,16)")
-    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the fitting layouts as a sweep file for `lorafit sweep --plan FILE`")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the fitting layouts as a sweep file for `lorafit sweep --plan FILE`",
+    )
     p.set_defaults(fn=cmd_plan)
 
 
@@ -230,45 +297,109 @@ def cmd_plan(a) -> int:
     plan = make_plan(cfg, a.budget, parse_ints(a.ranks, "--ranks"))
     print(table(plan))
     if not plan.fits:
-        raise LorafitError(f"none of the {plan.counted} configurations fits the budget of {plan.max_trainable:,}; "
-                           "raise --budget or budget.max_trainable, or try lower --ranks")
+        raise LorafitError(
+            f"none of the {plan.counted} configurations fits the budget of {plan.max_trainable:,}; "
+            "raise --budget or budget.max_trainable, or try lower --ranks"
+        )
     if a.output:
         write(plan, a.output, a.config)
-        print(f"wrote {len(plan.fits)} points to {a.output}; train them with: lorafit sweep {f'-c {a.config} ' if a.config else ''}--plan {a.output} -o sweeps/NAME")
+        print(
+            f"wrote {len(plan.fits)} points to {a.output}; train them with: lorafit sweep {f'-c {a.config} ' if a.config else ''}--plan {a.output} -o sweeps/NAME"
+        )
     return 0
 
 
 def add_sweep(sub) -> None:
-    p = sub.add_parser("sweep", help="train a grid, a plan or an Optuna search of configs into one sweep folder; re-running resumes")
+    p = sub.add_parser(
+        "sweep", help="train a grid, a plan or an Optuna search of configs into one sweep folder; re-running resumes"
+    )
     _config_args(p)
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
-                   help="sweep folder (e.g. sweeps/NAME): one run folder per point and seed, results.csv, results.md")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="values of one key, parsed as YAML (repeatable: the grid is the product), e.g. --grid lora.r=2,4,8")
-    p.add_argument("--grid-file", type=Path, metavar="FILE", help="a sweep file: 'grid: {key: [values]}' and/or 'points: [{key: value}]'")
-    p.add_argument("--plan", type=Path, metavar="FILE", help="the points written by `lorafit plan -o FILE` (combined with any --grid)")
-    p.add_argument("--dry-run", action="store_true", help="list the points, their budgets and what is finished; train nothing")
-    p.add_argument("--seeds", type=int, default=1, metavar="N", help="train each point with seeds train.seed .. train.seed+N-1; tables show mean ± std")
-    p.add_argument("--metric", choices=["val_loss", "val_accuracy", "val_macro_f1"],
-                   help="sort (and search) by this validation metric (default: eval.early_stopping.metric)")
-    p.add_argument("--search", choices=["optuna"], help="search instead of a grid: Optuna TPE with pruning on the intermediate validation metric")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="sweep folder (e.g. sweeps/NAME): one run folder per point and seed, results.csv, results.md",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values of one key, parsed as YAML (repeatable: the grid is the product), e.g. --grid lora.r=2,4,8",
+    )
+    p.add_argument(
+        "--grid-file",
+        type=Path,
+        metavar="FILE",
+        help="a sweep file: 'grid: {key: [values]}' and/or 'points: [{key: value}]'",
+    )
+    p.add_argument(
+        "--plan",
+        type=Path,
+        metavar="FILE",
+        help="the points written by `lorafit plan -o FILE` (combined with any --grid)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the points, their budgets and what is finished; train nothing"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train each point with seeds train.seed .. train.seed+N-1; tables show mean ± std",
+    )
+    p.add_argument(
+        "--metric",
+        choices=["val_loss", "val_accuracy", "val_macro_f1"],
+        help="sort (and search) by this validation metric (default: eval.early_stopping.metric)",
+    )
+    p.add_argument(
+        "--search",
+        choices=["optuna"],
+        help="search instead of a grid: Optuna TPE with pruning on the intermediate validation metric",
+    )
     p.add_argument("--trials", type=int, metavar="N", help="search: trials in total, across every worker of the study")
-    p.add_argument("--space", type=Path, metavar="FILE", help="search: YAML of key -> [choices] or {low, high, log, step}")
-    p.add_argument("--storage", metavar="URL", help="search: an Optuna storage URL shared by several workers "
-                   "(e.g. postgresql://user:pw@host/db); default: SQLite in the sweep folder")
-    p.add_argument("--study", metavar="NAME", help="search: the study name (required with --storage; default: the sweep folder's name)")
-    p.add_argument("--pruner", choices=["median", "none"], default="median",
-                   help="search: prune trials whose intermediate metric is worse than the median of earlier trials at the same step (default) or never")
+    p.add_argument(
+        "--space", type=Path, metavar="FILE", help="search: YAML of key -> [choices] or {low, high, log, step}"
+    )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="search: an Optuna storage URL shared by several workers "
+        "(e.g. postgresql://user:pw@host/db); default: SQLite in the sweep folder",
+    )
+    p.add_argument(
+        "--study",
+        metavar="NAME",
+        help="search: the study name (required with --storage; default: the sweep folder's name)",
+    )
+    p.add_argument(
+        "--pruner",
+        choices=["median", "none"],
+        default="median",
+        help="search: prune trials whose intermediate metric is worse than the median of earlier trials at the same step (default) or never",
+    )
     p.set_defaults(fn=cmd_sweep)
 
 
 def _check_sweep_flags(a) -> None:
     grid_mode = bool(a.grid or a.grid_file or a.plan)
     if a.search and grid_mode:
-        raise LorafitError("--search explores a --space; it does not combine with --grid, --grid-file or --plan (run those as a separate sweep)")
+        raise LorafitError(
+            "--search explores a --space; it does not combine with --grid, --grid-file or --plan (run those as a separate sweep)"
+        )
     if not a.search and not grid_mode:
-        raise LorafitError("nothing to sweep: give --grid KEY=V1,V2 (repeatable), --grid-file FILE, --plan FILE, or --search optuna --trials N --space FILE")
-    search_flags = [f for f, v in (("--trials", a.trials), ("--space", a.space), ("--storage", a.storage), ("--study", a.study)) if v is not None]
+        raise LorafitError(
+            "nothing to sweep: give --grid KEY=V1,V2 (repeatable), --grid-file FILE, --plan FILE, or --search optuna --trials N --space FILE"
+        )
+    search_flags = [
+        f
+        for f, v in (("--trials", a.trials), ("--space", a.space), ("--storage", a.storage), ("--study", a.study))
+        if v is not None
+    ]
     if a.search and a.dry_run:
         raise LorafitError("--dry-run lists the points of a grid or plan; a search has no points before it runs")
     if not a.search and search_flags:
@@ -277,7 +408,9 @@ def _check_sweep_flags(a) -> None:
         raise LorafitError(f"--seeds {a.seeds}: expected 1 or more")
     if a.search:
         if a.trials is None or a.trials < 1 or a.space is None:
-            raise LorafitError("--search optuna needs --trials N (N >= 1) and --space FILE (key -> [choices] or {low, high, log})")
+            raise LorafitError(
+                "--search optuna needs --trials N (N >= 1) and --space FILE (key -> [choices] or {low, high, log})"
+            )
         if a.storage and not a.study:
             raise LorafitError("--storage needs --study NAME, so that every worker joins the same study")
 
@@ -319,10 +452,19 @@ def cmd_sweep(a) -> int:
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time the reference Trainer recipe, a tuned Trainer and lorafit's path side by side; writes docs/benchmarks.md")
+    p = sub.add_parser(
+        "bench",
+        help="time the reference Trainer recipe, a tuned Trainer and lorafit's path side by side; writes docs/benchmarks.md",
+    )
     p.add_argument("--train-samples", type=int, default=1280, help="training samples per pipeline (default 1280)")
-    p.add_argument("--predict-samples", type=int, default=1000, help="rows predicted and scored per pipeline (max 2000)")
-    p.add_argument("--budget-minutes", type=float, help="instead: train each pipeline for this many wall-clock minutes over the whole sample, then score")
+    p.add_argument(
+        "--predict-samples", type=int, default=1000, help="rows predicted and scored per pipeline (max 2000)"
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="instead: train each pipeline for this many wall-clock minutes over the whole sample, then score",
+    )
     p.add_argument("--pipelines", nargs="+", default=["reference", "tuned", "lorafit"], help="which pipelines to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="Markdown file to update")
@@ -330,7 +472,8 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(a) -> int:
-    from .experiments.bench import PIPELINES, main as bench_main
+    from .experiments.bench import PIPELINES
+    from .experiments.bench import main as bench_main
 
     unknown = [x for x in a.pipelines if x not in PIPELINES]
     if unknown:
@@ -339,7 +482,19 @@ def cmd_bench(a) -> int:
     return 0
 
 
-COMMANDS = (add_train, add_budget, add_eval, add_bench, add_keys, add_predict, add_report, add_compare, add_export, add_plan, add_sweep)
+COMMANDS = (
+    add_train,
+    add_budget,
+    add_eval,
+    add_bench,
+    add_keys,
+    add_predict,
+    add_report,
+    add_compare,
+    add_export,
+    add_plan,
+    add_sweep,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = distributed.launched()  # torchrun / accelerate launch: this process's rank; one process: a no-op
         if d.active and args.command != "train":
-            raise LorafitError(f"`lorafit {args.command}` runs in one process; only `lorafit train` runs under torchrun or accelerate launch: start it without the launcher")
+            raise LorafitError(
+                f"`lorafit {args.command}` runs in one process; only `lorafit train` runs under torchrun or accelerate launch: start it without the launcher"
+            )
         return args.fn(args)
     except LorafitError as e:
         try:

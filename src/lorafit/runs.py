@@ -53,11 +53,17 @@ def check_complete(folder: Path, being_written: bool = False) -> Path:
     if is_incomplete(folder) and not being_written:
         holder = lock_holder(folder)
         if holder:
-            raise LorafitError(f"{folder} is an incomplete run: pid {holder} is training it right now; wait for it to finish")
-        raise LorafitError(f"{folder} is an incomplete run: its training was interrupted; continue it with `lorafit train --resume {folder}`")
+            raise LorafitError(
+                f"{folder} is an incomplete run: pid {holder} is training it right now; wait for it to finish"
+            )
+        raise LorafitError(
+            f"{folder} is an incomplete run: its training was interrupted; continue it with `lorafit train --resume {folder}`"
+        )
     missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
     if missing:
-        raise LorafitError(f"{folder} is not a complete lorafit run (missing {', '.join(missing)}); train it again or pick another folder")
+        raise LorafitError(
+            f"{folder} is not a complete lorafit run (missing {', '.join(missing)}); train it again or pick another folder"
+        )
     return folder
 
 
@@ -91,10 +97,14 @@ def check_output(out: Path, overwrite: bool) -> None:
         return
     holder = lock_holder(out)
     if holder:
-        raise LorafitError(f"output folder {out} is being trained right now by pid {holder}; pick another -o or wait for it to finish")
+        raise LorafitError(
+            f"output folder {out} is being trained right now by pid {holder}; pick another -o or wait for it to finish"
+        )
     if any(p.name != LOCK for p in out.iterdir()) and not overwrite:  # a stale lock alone does not make a run
         if is_incomplete(out):
-            raise LorafitError(f"output folder {out} holds an interrupted run; continue it with `lorafit train --resume {out}`, or pass --overwrite to start over")
+            raise LorafitError(
+                f"output folder {out} holds an interrupted run; continue it with `lorafit train --resume {out}`, or pass --overwrite to start over"
+            )
         raise LorafitError(f"output folder {out} already exists and is not empty; pick another -o or pass --overwrite")
 
 
@@ -151,7 +161,10 @@ def acquire_lock(folder: Path, busy: str | None = None) -> int:
     """Lock `folder` for this process; return the lock's file descriptor (see release_lock). `busy` is the error
     message when another live process holds it ({pid} is filled in)."""
     path = Path(folder) / LOCK
-    busy = busy or f"{folder} is being trained by another process (pid {{pid}}, lock {path}); wait for it to finish or stop that process"
+    busy = (
+        busy
+        or f"{folder} is being trained by another process (pid {{pid}}, lock {path}); wait for it to finish or stop that process"
+    )
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
@@ -229,7 +242,10 @@ def training_folder(out: Path, resume: bool = False):
             raise LorafitError(f"{out} is already complete; nothing to resume")
         if not resume:
             _clear(out)
-            atomic_write_text(out / INCOMPLETE, f"training in progress or interrupted; continue it with `lorafit train --resume {out}`\n")
+            atomic_write_text(
+                out / INCOMPLETE,
+                f"training in progress or interrupted; continue it with `lorafit train --resume {out}`\n",
+            )
     except BaseException:
         release_lock(out, fd)
         raise
@@ -239,7 +255,9 @@ def training_folder(out: Path, resume: bool = False):
         checkpoints = out / CHECKPOINTS
         keep = resume or (checkpoints.is_dir() and any(p.suffix == ".pt" for p in checkpoints.iterdir()))
         if keep:
-            print(f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`", flush=True)
+            print(
+                f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`", flush=True
+            )
         else:
             _clear(out)
         release_lock(out, fd)
@@ -259,19 +277,29 @@ def resume_config(folder: Path, overrides: list[str] = ()) -> Config:
         raise LorafitError(f"--resume {folder}: no such run folder; expected a folder written by `lorafit train`")
     if not is_incomplete(folder):
         if is_complete(folder):
-            raise LorafitError(f"--resume {folder}: the run is already complete; nothing to resume (train a new run with -o, or --overwrite it)")
-        raise LorafitError(f"--resume {folder}: not an interrupted lorafit run (no {INCOMPLETE} marker); expected a folder written by `lorafit train`")
+            raise LorafitError(
+                f"--resume {folder}: the run is already complete; nothing to resume (train a new run with -o, or --overwrite it)"
+            )
+        raise LorafitError(
+            f"--resume {folder}: not an interrupted lorafit run (no {INCOMPLETE} marker); expected a folder written by `lorafit train`"
+        )
     holder = lock_holder(folder)
     if holder:
-        raise LorafitError(f"--resume {folder}: the run is being trained right now by pid {holder}; wait for it to finish or stop that process")
+        raise LorafitError(
+            f"--resume {folder}: the run is being trained right now by pid {holder}; wait for it to finish or stop that process"
+        )
     bad = [".".join(parse_override(item)[0]) for item in overrides]
     bad = [k for k in bad if k not in RESUME_OVERRIDES]
     if bad:
-        raise LorafitError(f"--resume: {', '.join(bad)} cannot change in a resumed run (it would not continue the same training); "
-                           f"a resumed run may change only {', '.join(RESUME_OVERRIDES)}; start a new run to change anything else")
+        raise LorafitError(
+            f"--resume: {', '.join(bad)} cannot change in a resumed run (it would not continue the same training); "
+            f"a resumed run may change only {', '.join(RESUME_OVERRIDES)}; start a new run to change anything else"
+        )
     path = folder / CONFIG
     if not path.is_file():
-        raise LorafitError(f"--resume {folder}: the run was interrupted before it saved config.yaml, so it cannot be resumed; start it again with -o {folder} --overwrite")
+        raise LorafitError(
+            f"--resume {folder}: the run was interrupted before it saved config.yaml, so it cannot be resumed; start it again with -o {folder} --overwrite"
+        )
     data = read_yaml(path)
     data = apply_overrides(migrate_saved(data) if isinstance(data, dict) else data, list(overrides))
     return validate(data, str(path) + (" with --set overrides" if overrides else ""))

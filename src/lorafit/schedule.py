@@ -24,11 +24,15 @@ class Schedule:
         self.total, self.max_seconds = total_steps, max_seconds
         self.base = [g["lr"] for g in optimizer.param_groups]
         if kind == "reduce_on_plateau":
-            self.step_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0)
+            self.step_sched = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0
+            )
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
         else:
             name = {"constant": "constant_with_warmup"}.get(kind, kind)
-            self.step_sched = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+            self.step_sched = get_scheduler(
+                name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps
+            )
             self.plateau = None
         self.steps = 0
 
@@ -51,7 +55,11 @@ class Schedule:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "step_sched": self.step_sched.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "steps": self.steps,
+            "step_sched": self.step_sched.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore after optimizer.load_state_dict (the current lr lives in the optimizer's param groups)."""

@@ -28,18 +28,24 @@ DESCRIPTION = {
     "lorafit": "lorafit default path (length-grouped, bf16-stored base, fast dropout and DoRA, first-token last layer, merged and packed prediction, attention kernel)",
 }
 # The reference study's adapter: DoRA + rsLoRA, r 4, alpha 8, dropout 0.6, query/value, batch 32, lr 2e-4.
-REFERENCE_LORA = dict(r=4, alpha=8, dropout=0.6, target_modules=["query", "value"], use_dora=True, use_rslora=True, init="gaussian")
+REFERENCE_LORA = dict(
+    r=4, alpha=8, dropout=0.6, target_modules=["query", "value"], use_dora=True, use_rslora=True, init="gaussian"
+)
 BATCH, LR, MAX_LENGTH = 32, 2e-4, 128
 
 
 def _data(train_samples: int, predict_samples: int, seed: int = 0):
-    from ..data import builtin_path
-
     import pandas as pd
+
+    from ..data import builtin_path
 
     train = pd.read_parquet(builtin_path("builtin:ag_news_sample"))
     test = pd.read_parquet(builtin_path("builtin:ag_news_sample_test"))
-    train = train.sample(n=min(train_samples, len(train)), random_state=seed) if train_samples else train.sample(frac=1.0, random_state=seed)
+    train = (
+        train.sample(n=min(train_samples, len(train)), random_state=seed)
+        if train_samples
+        else train.sample(frac=1.0, random_state=seed)
+    )
     test = test.iloc[: min(predict_samples, len(test))]
     return train.text.tolist(), train.label.to_numpy(), test.text.tolist(), test.label.to_numpy()
 
@@ -56,11 +62,20 @@ def forward_flops(lengths: np.ndarray, cfg) -> float:
     return float(per_token * lengths.sum() + attention)
 
 
-def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_steps: int | None, minutes: float | None, seed: int):
+def _trainer_pipeline(
+    kind: str, texts, labels, test_texts, test_labels, max_steps: int | None, minutes: float | None, seed: int
+):
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, TrainerCallback
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from ..models import builtin_model_dir
 
@@ -69,21 +84,50 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4)
     lc = REFERENCE_LORA
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], target_modules=lc["target_modules"], use_dora=True, use_rslora=True, init_lora_weights="gaussian"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="SEQ_CLS",
+            r=lc["r"],
+            lora_alpha=lc["alpha"],
+            lora_dropout=lc["dropout"],
+            target_modules=lc["target_modules"],
+            use_dora=True,
+            use_rslora=True,
+            init_lora_weights="gaussian",
+        ),
+    )
     pad = "max_length" if kind == "reference" else False
 
     def tokenize(batch):
         return tok(batch["text"], truncation=True, max_length=MAX_LENGTH, padding=pad)
 
-    train_ds = Dataset.from_dict({"text": texts, "label": labels.tolist()}).map(tokenize, batched=True, remove_columns=["text"])
-    test_ds = Dataset.from_dict({"text": test_texts, "label": test_labels.tolist()}).map(tokenize, batched=True, remove_columns=["text"])
+    train_ds = Dataset.from_dict({"text": texts, "label": labels.tolist()}).map(
+        tokenize, batched=True, remove_columns=["text"]
+    )
+    test_ds = Dataset.from_dict({"text": test_texts, "label": test_labels.tolist()}).map(
+        tokenize, batched=True, remove_columns=["text"]
+    )
     args = TrainingArguments(
         output_dir=str(Path("/tmp") / f"lorafit-bench-{kind}"),
-        per_device_train_batch_size=BATCH, per_device_eval_batch_size=64 if kind == "reference" else 128,
-        learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.1,
-        num_train_epochs=1, max_steps=max_steps, eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to="none", use_cpu=True, seed=seed, bf16=(kind == "tuned"), dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if kind == "tuned" else "random", disable_tqdm=True,
+        per_device_train_batch_size=BATCH,
+        per_device_eval_batch_size=64 if kind == "reference" else 128,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        weight_decay=0.1,
+        num_train_epochs=1,
+        max_steps=max_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        bf16=(kind == "tuned"),
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if kind == "tuned" else "random",
+        disable_tqdm=True,
     )
 
     class Deadline(TrainerCallback):
@@ -91,7 +135,13 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
             if minutes and time.perf_counter() - start > minutes * 60:
                 control.should_training_stop = True
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorWithPadding(tok) if pad is False else None, callbacks=[Deadline()])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=DataCollatorWithPadding(tok) if pad is False else None,
+        callbacks=[Deadline()],
+    )
     start = time.perf_counter()
     out = trainer.train()
     train_s = time.perf_counter() - start
@@ -102,7 +152,14 @@ def _trainer_pipeline(kind: str, texts, labels, test_texts, test_labels, max_ste
     # with train_sampling_strategy='group_by_length', transformers 5 also length-groups predict(): the predictions
     # come back out of dataset order, with label_ids in that same order
     acc = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
-    return dict(steps=steps, samples=min(steps * BATCH, len(texts) * math.ceil(steps * BATCH / len(texts))), train_s=train_s, predict_s=predict_s, accuracy=acc, model_config=model.config)
+    return dict(
+        steps=steps,
+        samples=min(steps * BATCH, len(texts) * math.ceil(steps * BATCH / len(texts))),
+        train_s=train_s,
+        predict_s=predict_s,
+        accuracy=acc,
+        model_config=model.config,
+    )
 
 
 def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | None, minutes: float | None, seed: int):
@@ -120,11 +177,24 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
     pd.DataFrame({"text": test_texts[:32], "label": test_labels[:32]}).to_parquet(tmp / "val.parquet")
     lc = REFERENCE_LORA
     overrides = [
-        f"data.source={tmp / 'train.parquet'}", "data.label_names=[World, Sports, Business, Sci/Tech]", f"data.val_source={tmp / 'val.parquet'}",
-        f"lora.r={lc['r']}", f"lora.alpha={lc['alpha']}", f"lora.dropout={lc['dropout']}", "lora.target_modules=[query,value]",
-        "lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian",
-        f"train.batch_size={BATCH}", f"train.lr={LR}", "train.weight_decay=0.1", "train.scheduler=cosine", "train.warmup_ratio=0.1",
-        "eval.every=1000000", "eval.early_stopping.patience=0", f"train.seed={seed}",
+        f"data.source={tmp / 'train.parquet'}",
+        "data.label_names=[World, Sports, Business, Sci/Tech]",
+        f"data.val_source={tmp / 'val.parquet'}",
+        f"lora.r={lc['r']}",
+        f"lora.alpha={lc['alpha']}",
+        f"lora.dropout={lc['dropout']}",
+        "lora.target_modules=[query,value]",
+        "lora.use_dora=true",
+        "lora.use_rslora=true",
+        "lora.init=gaussian",
+        f"train.batch_size={BATCH}",
+        f"train.lr={LR}",
+        "train.weight_decay=0.1",
+        "train.scheduler=cosine",
+        "train.warmup_ratio=0.1",
+        "eval.every=1000000",
+        "eval.early_stopping.patience=0",
+        f"train.seed={seed}",
         # with a time budget lorafit plans its schedule to the deadline (train.max_seconds) and makes as many passes
         # over the data as fit; without one it trains the same number of steps as the Trainer pipelines
         *([f"train.max_seconds={minutes * 60}", "train.epochs=1000"] if minutes else [f"train.max_steps={max_steps}"]),
@@ -136,7 +206,14 @@ def _lorafit_pipeline(texts, labels, test_texts, test_labels, max_steps: int | N
     logits = run.predict_logits(enc)
     predict_s = time.perf_counter() - t
     acc = float((logits.argmax(-1) == test_labels).mean())
-    return dict(steps=res.steps, samples=res.steps * BATCH, train_s=res.train_seconds, predict_s=predict_s, accuracy=acc, model_config=run.model.config)
+    return dict(
+        steps=res.steps,
+        samples=res.steps * BATCH,
+        train_s=res.train_seconds,
+        predict_s=predict_s,
+        accuracy=acc,
+        model_config=run.model.config,
+    )
 
 
 def run_one(kind: str, train_samples: int, predict_samples: int, minutes: float | None, seed: int) -> dict:
@@ -163,7 +240,9 @@ def run_one(kind: str, train_samples: int, predict_samples: int, minutes: float 
         train_samples_per_s=r["samples"] / r["train_s"],
         train_tokens_per_s=float(train_len.sum()) / r["train_s"],
         predict_samples_per_s=len(test_texts) / r["predict_s"],
-        train_flops_per_s=2 * forward_flops(train_len, cfg) / r["train_s"],  # forward + activation gradients; frozen weights get none
+        train_flops_per_s=2
+        * forward_flops(train_len, cfg)
+        / r["train_s"],  # forward + activation gradients; frozen weights get none
         predict_flops_per_s=forward_flops(test_len, cfg) / r["predict_s"],
         peak_rss_mb=peak_rss_mb,
     )
@@ -210,34 +289,57 @@ def table(results: list[dict], peak: dict[str, float], minutes: float | None) ->
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ratio = lambda k: f" ({r[k] / ref[k]:.1f}×)" if ref and r is not ref else ""  # noqa: E731
+        ratio = lambda k, r=r: f" ({r[k] / ref[k]:.1f}×)" if ref and r is not ref else ""  # noqa: E731
         lines.append(
             f"| {r['pipeline']}: {DESCRIPTION[r['pipeline']]} | {r['train_samples_per_s']:.1f}{ratio('train_samples_per_s')} | {r['train_tokens_per_s']:.0f} "
             f"| {r['predict_samples_per_s']:.1f}{ratio('predict_samples_per_s')} | {r['peak_rss_mb']:.0f} | {100 * r['accuracy']:.2f}% "
             f"| {r['train_flops_per_s'] / 1e9:.0f} G ({100 * r['train_flops_per_s'] / peak['bf16']:.0f}%) | {r['samples']} |"
         )
-    head = (f"Matmul peak at MiniLM shapes: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s. "
-            "Train FLOP/s counts the model's FLOPs (the full forward over the unpadded tokens plus activation gradients) "
-            "for every pipeline alike, whatever a pipeline skips or pads.")
+    head = (
+        f"Matmul peak at MiniLM shapes: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s. "
+        "Train FLOP/s counts the model's FLOPs (the full forward over the unpadded tokens plus activation gradients) "
+        "for every pipeline alike, whatever a pipeline skips or pads."
+    )
     if minutes:
-        head += (f" Each pipeline trained for {minutes:g} wall-clock minutes: the Trainer pipelines schedule one epoch over the "
-                 "data (they cannot finish it in time), lorafit plans its schedule to the deadline (train.max_seconds) and makes "
-                 "as many passes as fit.")
+        head += (
+            f" Each pipeline trained for {minutes:g} wall-clock minutes: the Trainer pipelines schedule one epoch over the "
+            "data (they cannot finish it in time), lorafit plans its schedule to the deadline (train.max_seconds) and makes "
+            "as many passes as fit."
+        )
     return head + "\n\n" + "\n".join(lines)
 
 
-def main(train_samples: int = 1280, predict_samples: int = 1000, minutes: float | None = None, seed: int = 0, out: Path | None = Path("docs/benchmarks.md"), pipelines=PIPELINES) -> list[dict]:
+def main(
+    train_samples: int = 1280,
+    predict_samples: int = 1000,
+    minutes: float | None = None,
+    seed: int = 0,
+    out: Path | None = Path("docs/benchmarks.md"),
+    pipelines=PIPELINES,
+) -> list[dict]:
     peak = matmul_peak()
     results = []
     for kind in pipelines:
         print(f"bench: {kind} ({DESCRIPTION[kind]}) ...", flush=True)
-        cmd = [sys.executable, "-m", "lorafit.experiments.bench", kind, str(train_samples), str(predict_samples), str(minutes or 0), str(seed)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lorafit.experiments.bench",
+            kind,
+            str(train_samples),
+            str(predict_samples),
+            str(minutes or 0),
+            str(seed),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"bench pipeline {kind} failed:\n{p.stderr[-3000:]}")
         results.append(json.loads(p.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"  {r['train_samples_per_s']:.1f} train samples/s, {r['predict_samples_per_s']:.1f} predict samples/s, accuracy {r['accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(
+            f"  {r['train_samples_per_s']:.1f} train samples/s, {r['predict_samples_per_s']:.1f} predict samples/s, accuracy {r['accuracy']:.4f}, peak RSS {r['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
     text = table(results, peak, minutes)
     print(text)
     if out:
@@ -250,21 +352,35 @@ def _write_section(out: Path, text: str, train_samples: int, predict_samples: in
     key = f"time-to-accuracy, {minutes:g} minutes" if minutes else f"throughput, {train_samples} training samples"
     section = (
         f"## {key}\n\n"
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}.\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
         f"Model all-MiniLM-L6-v2 (builtin:minilm); adapter DoRA + rsLoRA r 4, alpha 8, dropout 0.6 on query/value; batch 32, lr 2e-4, cosine, warm-up 10%; "
         f"prediction and accuracy on the first {predict_samples} rows of builtin:ag_news_sample_test.\n"
-        f"Reproduce: `lorafit bench" + (f" --budget-minutes {minutes:g}" if minutes else f" --train-samples {train_samples}")
-        + (f" --predict-samples {predict_samples}" if predict_samples != 1000 else "") + "`\n\n" + text + "\n"
+        f"Reproduce: `lorafit bench"
+        + (f" --budget-minutes {minutes:g}" if minutes else f" --train-samples {train_samples}")
+        + (f" --predict-samples {predict_samples}" if predict_samples != 1000 else "")
+        + "`\n\n"
+        + text
+        + "\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    old = out.read_text() if out.exists() else "# Benchmarks\n\nWritten by `lorafit bench`; ratios are against the reference pipeline measured in the same run.\n"
+    old = (
+        out.read_text()
+        if out.exists()
+        else "# Benchmarks\n\nWritten by `lorafit bench`; ratios are against the reference pipeline measured in the same run.\n"
+    )
     parts = old.split("\n## ")
     kept = [parts[0].rstrip() + "\n"] + ["## " + p.rstrip() + "\n" for p in parts[1:] if not p.startswith(key)]
     out.write_text("\n".join(kept + [section]))
 
 
 if __name__ == "__main__":
-    kind, n_train, n_pred, minutes, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) or None, int(sys.argv[5])
+    kind, n_train, n_pred, minutes, seed = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        float(sys.argv[4]) or None,
+        int(sys.argv[5]),
+    )
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

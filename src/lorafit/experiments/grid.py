@@ -61,7 +61,9 @@ def _rows(points: list[Point], out: Path, failures: dict) -> tuple[list[Row], li
     return rows, keys
 
 
-def run_grid(base: Config, overrides: list[dict], out: Path, seeds: int = 1, metric: str = "val_loss", dry_run: bool = False) -> int:
+def run_grid(
+    base: Config, overrides: list[dict], out: Path, seeds: int = 1, metric: str = "val_loss", dry_run: bool = False
+) -> int:
     """Train every point (x seeds) not finished yet; write the tables. Returns the number of runs trained."""
     start = time.perf_counter()
     points = resolve_points(base, overrides, seeds)
@@ -74,10 +76,14 @@ def run_grid(base: Config, overrides: list[dict], out: Path, seeds: int = 1, met
         runs_of = [(p, seed, out / f"{p.name}-s{seed}") for p in points if not p.over_budget for seed in p.seeds]
         todo = [r for r in runs_of if not runs.is_complete(r[2])]
         finished = len(runs_of) - len(todo)
-        log(f"sweep {out}: {len(points)} point(s) x {seeds} seed(s); {len(skipped)} over budget (skipped), "
-            f"{finished} run(s) finished earlier, {len(todo)} to train")
+        log(
+            f"sweep {out}: {len(points)} point(s) x {seeds} seed(s); {len(skipped)} over budget (skipped), "
+            f"{finished} run(s) finished earlier, {len(todo)} to train"
+        )
         for p in skipped:
-            log(f"  skipped, over budget: {describe(p.overrides)}: {p.budget.total:,} trainable > {p.budget.max_trainable:,}")
+            log(
+                f"  skipped, over budget: {describe(p.overrides)}: {p.budget.total:,} trainable > {p.budget.max_trainable:,}"
+            )
 
         failures = {}
         for i, (p, seed, folder) in enumerate(todo, 1):
@@ -92,9 +98,13 @@ def run_grid(base: Config, overrides: list[dict], out: Path, seeds: int = 1, met
         title = f"sweep {out.name}: {len(points)} points x {seeds} seed(s), sorted by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
         md = write_tables(out, sort_rows(rows, metric), keys, metric, title, seeds)
     log("\n" + md)
-    log(f"sweep done: {len(todo) - len(failures)} run(s) trained, {finished} finished earlier, {len(skipped)} over budget, "
-        f"in {time.perf_counter() - start:.0f}s -> {out}/results.md")
+    log(
+        f"sweep done: {len(todo) - len(failures)} run(s) trained, {finished} finished earlier, {len(skipped)} over budget, "
+        f"in {time.perf_counter() - start:.0f}s -> {out}/results.md"
+    )
     if failures:
-        raise LorafitError(f"{len(failures)} of {len(todo)} run(s) failed ({next(iter(failures.values()))}); "
-                           "results.md marks them; fix the cause and re-run the same command to train only those")
+        raise LorafitError(
+            f"{len(failures)} of {len(todo)} run(s) failed ({next(iter(failures.values()))}); "
+            "results.md marks them; fix the cause and re-run the same command to train only those"
+        )
     return len(todo)

@@ -41,12 +41,12 @@ PATTERNS = ("all", "upper", "upper 2r")
 
 @dataclass
 class Candidate:
-    targets: str          # label of the target set
+    targets: str  # label of the target set
     r: int
     dora: bool
     head: str
-    layers: str           # label of the layer pattern
-    overrides: dict       # dotted key -> value, only the keys that differ from the base config
+    layers: str  # label of the layer pattern
+    overrides: dict  # dotted key -> value, only the keys that differ from the base config
     budget: budget_mod.Budget
 
     @property
@@ -60,7 +60,7 @@ class Plan:
     num_labels: int
     max_trainable: int
     fits: list[Candidate]
-    counted: int          # configurations counted (after removing duplicates)
+    counted: int  # configurations counted (after removing duplicates)
     roles: dict[str, list[str]]
 
 
@@ -70,7 +70,9 @@ def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
     heads = head_modules(model)
     lp = layers_pattern(model)
     if lp is None:
-        raise LorafitError(f"lorafit plan: found no numbered transformer blocks in {model.config.model_type}; plan needs an encoder with layers like 'layer.0.'")
+        raise LorafitError(
+            f"lorafit plan: found no numbered transformer blocks in {model.config.model_type}; plan needs an encoder with layers like 'layer.0.'"
+        )
     rx = re.compile(rf"^(?:.*\.)?{re.escape(lp)}\.(\d+)\.(.+)$")
     roles: dict[str, list[str]] = {"q": [], "k": [], "v": [], "o": [], "ffn": []}
     layers = set()
@@ -86,15 +88,20 @@ def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
         roles[role].append(name)
     if not roles["q"] or not roles["v"]:
         found = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model, heads)})
-        raise LorafitError(f"lorafit plan: cannot tell the query/value projections of {model.config.model_type} (its Linear modules are {found}); write a sweep file by hand")
+        raise LorafitError(
+            f"lorafit plan: cannot tell the query/value projections of {model.config.model_type} (its Linear modules are {found}); write a sweep file by hand"
+        )
     return roles, sorted(layers), lp
 
 
 def linear_names(model, heads: list[str]) -> list[str]:
     from torch import nn
 
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n == h or n.startswith(h + ".") for h in heads)]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n == h or n.startswith(h + ".") for h in heads)
+    ]
 
 
 def target_names(names: list[str], wanted: set[str]) -> list[str]:
@@ -125,10 +132,21 @@ def _target_sets(base: Config, model, roles: dict[str, list[str]], names: list[s
     targets: dict[str, object] = {}
     seen = set()
     for label, wanted_roles in TARGET_SETS.items():
-        value = "all-linear" if wanted_roles is None else target_names(names, {m for r in wanted_roles for m in roles[r]})
+        value = (
+            "all-linear" if wanted_roles is None else target_names(names, {m for r in wanted_roles for m in roles[r]})
+        )
         if not value:
             continue
-        probe = apply_point(base, {"lora.target_modules": value, "lora.layers_to_transform": None, "lora.rank_pattern": {}, "model.head": "default"}, "plan")
+        probe = apply_point(
+            base,
+            {
+                "lora.target_modules": value,
+                "lora.layers_to_transform": None,
+                "lora.rank_pattern": {},
+                "model.head": "default",
+            },
+            "plan",
+        )
         matched = frozenset(matched_modules(model, probe))
         if matched in seen:
             continue
@@ -140,11 +158,16 @@ def _target_sets(base: Config, model, roles: dict[str, list[str]], names: list[s
 def _heads(base: Config, skeletons: Skeletons, qv_targets) -> list[str]:
     """The head choices worth counting: `linear` only where it differs from the model's own head."""
     probe = {"lora.target_modules": qv_targets, "lora.layers_to_transform": None, "lora.rank_pattern": {}}
-    head_params = {h: skeletons.budget(apply_point(base, probe | {"model.head": h}, "plan")).parts["head"] for h in ("default", "linear")}
+    head_params = {
+        h: skeletons.budget(apply_point(base, probe | {"model.head": h}, "plan")).parts["head"]
+        for h in ("default", "linear")
+    }
     return ["default"] + (["linear"] if head_params["linear"] != head_params["default"] else [])
 
 
-def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANKS, skeletons: Skeletons | None = None) -> Plan:
+def make_plan(
+    base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANKS, skeletons: Skeletons | None = None
+) -> Plan:
     """Count every combination on one weightless skeleton and keep those within the budget, largest first."""
     skeletons = skeletons or Skeletons()
     limit = max_trainable or base.budget.max_trainable
@@ -152,7 +175,7 @@ def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANK
     model = skeletons.model(apply_point(base, {"model.head": "default"}, "base config"), n)
     roles, layers, lp = block_roles(model)
     names = linear_names(model, head_modules(model))
-    upper = layers[len(layers) // 2:]
+    upper = layers[len(layers) // 2 :]
     upper_regex = rf"{lp}\.({'|'.join(map(str, upper))})\..*"
     ratio = base.lora.alpha / base.lora.r
 
@@ -169,8 +192,12 @@ def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANK
                         if pattern == "upper" and not isinstance(value, list):
                             continue  # layers_to_transform needs a list; the q,k,v,o,ffn list covers the same blocks
                         point = {
-                            "model.head": head, "lora.target_modules": value, "lora.r": r, "lora.alpha": alpha,
-                            "lora.use_dora": dora, "lora.layers_to_transform": upper if pattern == "upper" else None,
+                            "model.head": head,
+                            "lora.target_modules": value,
+                            "lora.r": r,
+                            "lora.alpha": alpha,
+                            "lora.use_dora": dora,
+                            "lora.layers_to_transform": upper if pattern == "upper" else None,
                             "lora.rank_pattern": {upper_regex: 2 * r} if pattern == "upper 2r" else {},
                             "lora.alpha_pattern": {upper_regex: _number(2 * alpha)} if pattern == "upper 2r" else {},
                         }
@@ -182,7 +209,11 @@ def make_plan(base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANK
                         if b.total > limit:
                             continue
                         changed = {k: v for k, v in point.items() if _get(base_dict, k) != v}
-                        layers_label = "all" if pattern == "all" else f"{pattern.replace('upper', f'upper {upper[0]}-{upper[-1]}')}"
+                        layers_label = (
+                            "all"
+                            if pattern == "all"
+                            else f"{pattern.replace('upper', f'upper {upper[0]}-{upper[-1]}')}"
+                        )
                         fits.append(Candidate(label, r, dora, head, layers_label, changed, b))
     fits.sort(key=lambda c: (-c.total, c.targets, c.r))
     return Plan(base.model.name, n, limit, fits, counted, {k: v for k, v in roles.items() if v})
@@ -201,7 +232,9 @@ def table(plan: Plan) -> str:
         f"  {'#':>4}  {'trainable':>10}  {'margin':>10}  {'targets':<12} {'r':>3}  {'dora':<5} {'head':<8} layers",
     ]
     for i, c in enumerate(plan.fits, 1):
-        lines.append(f"  {i:>4}  {c.total:>10,}  {c.budget.margin:>10,}  {c.targets:<12} {c.r:>3}  {'yes' if c.dora else 'no':<5} {c.head:<8} {c.layers}")
+        lines.append(
+            f"  {i:>4}  {c.total:>10,}  {c.budget.margin:>10,}  {c.targets:<12} {c.r:>3}  {'yes' if c.dora else 'no':<5} {c.head:<8} {c.layers}"
+        )
     return "\n".join(lines)
 
 
@@ -215,6 +248,8 @@ def write(plan: Plan, path: Path, config_path: Path | None) -> None:
         "points:",
     ]
     for i, c in enumerate(plan.fits, 1):
-        lines.append(f"- {flow(c.overrides)}  # {i}: {c.total:,} trainable, margin {c.budget.margin:,} ({c.targets}, r {c.r}, dora {'on' if c.dora else 'off'}, head {c.head}, layers {c.layers})")
+        lines.append(
+            f"- {flow(c.overrides)}  # {i}: {c.total:,} trainable, margin {c.budget.margin:,} ({c.targets}, r {c.r}, dora {'on' if c.dora else 'off'}, head {c.head}, layers {c.layers})"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")

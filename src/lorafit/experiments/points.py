@@ -23,6 +23,7 @@ from ..data import num_labels
 from ..errors import LorafitError
 from ..models import apply_head, build_model
 
+
 @lru_cache(maxsize=1)
 def leaf_keys() -> frozenset[str]:
     """Every settable dotted key (config leaves)."""
@@ -34,7 +35,9 @@ def check_keys(keys, origin: str) -> None:
     once with a suggestion."""
     bad = [k for k in dict.fromkeys(keys) if migrate_key(k) not in leaf_keys()]
     if bad:
-        raise LorafitError(f"{origin}: unknown key(s) " + "; ".join(f"'{k}' ({suggest(k)})" for k in bad) + " (see `lorafit keys`)")
+        raise LorafitError(
+            f"{origin}: unknown key(s) " + "; ".join(f"'{k}' ({suggest(k)})" for k in bad) + " (see `lorafit keys`)"
+        )
 
 
 def set_key(data: dict, key: str, value: Any) -> None:
@@ -66,7 +69,9 @@ def describe(point: dict) -> str:
 
 
 def flow(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip().removesuffix("...").strip()
+    )
 
 
 def point_name(point: dict) -> str:
@@ -81,7 +86,9 @@ def _compact(value: Any) -> str:
     if isinstance(value, list):
         return "+".join(_compact(v) for v in value)
     if isinstance(value, dict):
-        return "+".join(_compact(v) for v in value.values()) or "none"  # regex keys make poor names; the hash tells them apart
+        return (
+            "+".join(_compact(v) for v in value.values()) or "none"
+        )  # regex keys make poor names; the hash tells them apart
     return flow(value)
 
 
@@ -94,7 +101,9 @@ def parse_values(raw: str, origin: str) -> list:
     try:
         values = load_yaml("[" + raw + "]")
     except yaml.YAMLError as e:
-        raise LorafitError(f"{origin}: the values are not a valid comma-separated YAML list ({str(e).splitlines()[0]}); put complex values in a --grid-file") from None
+        raise LorafitError(
+            f"{origin}: the values are not a valid comma-separated YAML list ({str(e).splitlines()[0]}); put complex values in a --grid-file"
+        ) from None
     if not values:
         raise LorafitError(f"{origin}: no values; expected KEY=V1,V2,... (e.g. --grid lora.r=2,4,8)")
     return values
@@ -112,7 +121,9 @@ def read_points_file(path: Path) -> tuple[dict[str, list], list[dict]]:
     A plain mapping of key -> list of values is read as a grid."""
     data = read_yaml(path)
     if not isinstance(data, dict) or not data:
-        raise LorafitError(f"{path}: expected a mapping with 'grid: {{key: [values]}}' and/or 'points: [{{key: value}}, ...]'")
+        raise LorafitError(
+            f"{path}: expected a mapping with 'grid: {{key: [values]}}' and/or 'points: [{{key: value}}, ...]'"
+        )
     if not set(data) & {"grid", "points"}:
         data = {"grid": data}
     extra = set(data) - {"grid", "points"}
@@ -123,7 +134,9 @@ def read_points_file(path: Path) -> tuple[dict[str, list], list[dict]]:
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise LorafitError(f"{path}: 'grid' must map each key to a non-empty list of values (e.g. lora.r: [2, 4, 8])")
     if not isinstance(points, list) or any(not isinstance(p, dict) for p in points):
-        raise LorafitError(f"{path}: 'points' must be a list of mappings of key: value (e.g. - {{lora.r: 4, lora.alpha: 8}})")
+        raise LorafitError(
+            f"{path}: 'points' must be a list of mappings of key: value (e.g. - {{lora.r: 4, lora.alpha: 8}})"
+        )
     return {str(k): v for k, v in grid.items()}, [{str(k): v for k, v in p.items()} for p in points]
 
 
@@ -131,12 +144,14 @@ def expand(points: list[dict], grid: dict[str, list]) -> list[dict]:
     """Every point combined with every grid combination (the grid alone when there are no points)."""
     import itertools
 
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())] if grid else [{}]
     out = []
     for p in points or [{}]:
         clash = set(p) & set(grid)
         if clash:
-            raise LorafitError(f"key(s) {sorted(clash)} are set both by a point and by the grid; keep each key in one place")
+            raise LorafitError(
+                f"key(s) {sorted(clash)} are set both by a point and by the grid; keep each key in one place"
+            )
         for c in combos:
             out.append({**p, **c})
     unique = {json.dumps(p, sort_keys=True, default=str): p for p in out}
@@ -190,11 +205,15 @@ class Point:
         return self.budget.total > self.budget.max_trainable
 
 
-def resolve_points(base: Config, overrides: list[dict], seeds: int = 1, skeletons: Skeletons | None = None) -> list[Point]:
+def resolve_points(
+    base: Config, overrides: list[dict], seeds: int = 1, skeletons: Skeletons | None = None
+) -> list[Point]:
     """Validate every point and count its budget before anything trains; one error lists every bad point."""
     check_keys([k for p in overrides for k in p], "sweep")
     if seeds > 1 and any("train.seed" in p for p in overrides):
-        raise LorafitError("--seeds repeats each point with seeds train.seed, train.seed+1, ...; do not also sweep train.seed")
+        raise LorafitError(
+            "--seeds repeats each point with seeds train.seed, train.seed+1, ...; do not also sweep train.seed"
+        )
     skeletons = skeletons or Skeletons()
     points, problems = [], []
     for p in overrides:
@@ -207,5 +226,7 @@ def resolve_points(base: Config, overrides: list[dict], seeds: int = 1, skeleton
             continue
         points.append(Point(p, cfg, b, point_name(p), [cfg.train.seed + i for i in range(seeds)]))
     if problems:
-        raise LorafitError(f"{len(problems)} of {len(overrides)} sweep point(s) are invalid: " + " | ".join(dict.fromkeys(problems)))
+        raise LorafitError(
+            f"{len(problems)} of {len(overrides)} sweep point(s) are invalid: " + " | ".join(dict.fromkeys(problems))
+        )
     return points

@@ -23,7 +23,7 @@ from .tables import FIELDS, METRICS, Row, aggregate, lower_is_better, sort_rows,
 @dataclass
 class Dim:
     key: str
-    kind: str             # categorical | int | float
+    kind: str  # categorical | int | float
     choices: list | None = None
     low: float | None = None
     high: float | None = None
@@ -46,7 +46,11 @@ class Dim:
         return value
 
     def extremes(self) -> list:
-        return list(self.choices) if self.kind == "categorical" else [_num(self.low, self.kind), _num(self.high, self.kind)]
+        return (
+            list(self.choices)
+            if self.kind == "categorical"
+            else [_num(self.low, self.kind), _num(self.high, self.kind)]
+        )
 
 
 def _scalar(v) -> bool:
@@ -61,7 +65,9 @@ def read_space(path: Path, base: Config) -> list[Dim]:
     """SPACE.yaml: key -> a list of choices, or {low, high[, log][, step]} (ints give an integer range)."""
     data = read_yaml(path)
     if not isinstance(data, dict) or not data:
-        raise LorafitError(f"{path}: expected a mapping of config key -> [choices] or {{low: L, high: H, log: true}}, e.g. 'lora.r: [2, 4, 8]'")
+        raise LorafitError(
+            f"{path}: expected a mapping of config key -> [choices] or {{low: L, high: H, log: true}}, e.g. 'lora.r: [2, 4, 8]'"
+        )
     check_keys(list(data), str(path))
     dims, problems = [], []
     for key, spec in data.items():
@@ -69,7 +75,9 @@ def read_space(path: Path, base: Config) -> list[Dim]:
             dims.append(Dim(key, "categorical", choices=spec))
             continue
         if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - {"low", "high", "log", "step"}:
-            problems.append(f"{key}: got {flow(spec)}: expected a non-empty list of choices or {{low: L, high: H}} with optional log: true / step: S")
+            problems.append(
+                f"{key}: got {flow(spec)}: expected a non-empty list of choices or {{low: L, high: H}} with optional log: true / step: S"
+            )
             continue
         low, high = spec["low"], spec["high"]
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high)) or low >= high:
@@ -114,17 +122,28 @@ def _open_storage(url: str):
         try:
             if not url.startswith(("sqlite:", "postgresql", "mysql")):
                 return optuna.storages.get_storage(url)
-            return RDBStorage(url, heartbeat_interval=60, grace_period=180, heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                              engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {})
+            return RDBStorage(
+                url,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {},
+            )
         except ImportError as e:
-            raise LorafitError(f"--storage {_redact(url)}: the database driver is missing ({e}); for PostgreSQL run `pip install psycopg2-binary`") from None
+            raise LorafitError(
+                f"--storage {_redact(url)}: the database driver is missing ({e}); for PostgreSQL run `pip install psycopg2-binary`"
+            ) from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             if attempt == 4:
-                raise LorafitError(f"--storage {_redact(url)}: cannot create the Optuna tables ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                raise LorafitError(
+                    f"--storage {_redact(url)}: cannot create the Optuna tables ({type(e).__name__}: {str(e).splitlines()[0]})"
+                ) from None
             time.sleep(0.5 + random.random())
         except Exception as e:  # connection and URL errors: one line, not a traceback
-            raise LorafitError(f"--storage {_redact(url)}: cannot open the Optuna storage ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                               "check the URL, the server and the credentials") from None
+            raise LorafitError(
+                f"--storage {_redact(url)}: cannot open the Optuna storage ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                "check the URL, the server and the credentials"
+            ) from None
 
 
 def _redact(url: str) -> str:
@@ -152,15 +171,23 @@ def _open_study(base: Config, out: Path, url: str, name: str, metric: str, prune
         pruner = optuna.pruners.MedianPruner(n_startup_trials=3) if pruner == "median" else optuna.pruners.NopPruner()
     storage = _open_storage(url)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction, pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction=direction, pruner=pruner, load_if_exists=True
+        )
     except Exception as e:
-        raise LorafitError(f"--storage {_redact(url)}: cannot create or load study {name!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise LorafitError(
+            f"--storage {_redact(url)}: cannot create or load study {name!r} ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if study.direction.name.lower() != direction:
-        raise LorafitError(f"study {name!r} {study.direction.name.lower()}s its objective, but --metric {metric} needs {direction}; use its metric or another --study")
+        raise LorafitError(
+            f"study {name!r} {study.direction.name.lower()}s its objective, but --metric {metric} needs {direction}; use its metric or another --study"
+        )
     # A local study is reproducible (and a resumed one does not repeat its first samples); shared workers
     # must not draw the same random start-up points, so they seed from the clock.
     seed = base.train.seed + len(study.trials) if local else None
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)), constant_liar=True)
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=max(2, min(10, trials // 3)), constant_liar=True
+    )
     return study
 
 
@@ -220,7 +247,10 @@ class _Objective:
             trial.set_user_attr("lorafit", attrs | {"status": "over budget", "values": {"trainable": [b.total, None]}})
             raise optuna.TrialPruned()
         self.ran.append(trial.number)
-        records = [self.train_seed(trial, cfg, point, b.total, seed, attrs, first=i == 0) for i, seed in enumerate(cfg.train.seed + k for k in range(self.seeds))]
+        records = [
+            self.train_seed(trial, cfg, point, b.total, seed, attrs, first=i == 0)
+            for i, seed in enumerate(cfg.train.seed + k for k in range(self.seeds))
+        ]
         self.failures_in_a_row = 0
         values = aggregate(records)
         trial.set_user_attr("lorafit", attrs | {"status": "done", "n": len(records), "values": values})
@@ -241,12 +271,18 @@ class _Objective:
         folder = self.out / f"trial-{trial.number:04d}-s{seed}"
         log(f"\n=== {tag} seed {seed}: {describe(point)} -> {folder}")
         try:
-            record = run_one(with_seed(cfg, seed), folder, report if first else None, point=point, seed=seed, trial=trial.number)
+            record = run_one(
+                with_seed(cfg, seed), folder, report if first else None, point=point, seed=seed, trial=trial.number
+            )
         except optuna.TrialPruned:
             log(f"{tag}: pruned at step {last['step']} ({metric} {last[metric]:.4f})")
-            values = {f: [None, None] for f in FIELDS} | {"trainable": [trainable, None], "best_val_loss": [last["val_loss"], None],
-                                                         "val_accuracy": [last["val_accuracy"], None], "val_macro_f1": [last["val_macro_f1"], None],
-                                                         "epochs": [last["epoch"], None]}
+            values = {f: [None, None] for f in FIELDS} | {
+                "trainable": [trainable, None],
+                "best_val_loss": [last["val_loss"], None],
+                "val_accuracy": [last["val_accuracy"], None],
+                "val_macro_f1": [last["val_macro_f1"], None],
+                "epochs": [last["epoch"], None],
+            }
             trial.set_user_attr("lorafit", attrs | {"status": f"pruned at step {last['step']}", "values": values})
             _discard(folder)
             raise
@@ -257,8 +293,17 @@ class _Objective:
         return record
 
 
-def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: str = "val_loss", seeds: int = 1,
-               storage: str | None = None, study_name: str | None = None, pruner="median") -> int:
+def run_search(
+    base: Config,
+    out: Path,
+    space_path: Path,
+    trials: int,
+    metric: str = "val_loss",
+    seeds: int = 1,
+    storage: str | None = None,
+    study_name: str | None = None,
+    pruner="median",
+) -> int:
     """Optuna TPE over SPACE.yaml with pruning on the intermediate validation metric, until the study holds
     `trials` trials in total (across every worker sharing the storage). Returns the trials this process ran.
 
@@ -270,7 +315,9 @@ def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: s
     start = time.perf_counter()
     dims = read_space(space_path, base)
     if seeds > 1 and any(d.key == "train.seed" for d in dims):
-        raise LorafitError("--seeds repeats each trial with seeds train.seed, train.seed+1, ...; do not also search train.seed")
+        raise LorafitError(
+            "--seeds repeats each trial with seeds train.seed, train.seed+1, ...; do not also search train.seed"
+        )
     local = storage is None
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
@@ -289,16 +336,20 @@ def run_search(base: Config, out: Path, space_path: Path, trials: int, metric: s
                 study_.stop()
 
         have = _claims(study)
-        log(f"search {name} ({'local ' if local else ''}storage {_redact(url)}): {have} of {trials} trial(s) claimed, metric {metric} "
-            f"({study.direction.name.lower()})")
+        log(
+            f"search {name} ({'local ' if local else ''}storage {_redact(url)}): {have} of {trials} trial(s) claimed, metric {metric} "
+            f"({study.direction.name.lower()})"
+        )
         if have < trials:
             study.optimize(objective, n_trials=None, callbacks=[enough], catch=(_Surplus, _Failed), gc_after_trial=True)
         rows, keys = search_rows(study, dims)
         title = f"search {name}: {trials} trials x {seeds} seed(s), sorted by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
         md = write_tables(out, sort_rows(rows, metric), keys, metric, title, seeds)
     log("\n" + md)
-    log(f"search done: this worker trained {len(objective.ran)} trial(s) {objective.ran} in {time.perf_counter() - start:.0f}s; the study has "
-        f"{_claims(study)} of {trials} -> {out}/results.md")
+    log(
+        f"search done: this worker trained {len(objective.ran)} trial(s) {objective.ran} in {time.perf_counter() - start:.0f}s; the study has "
+        f"{_claims(study)} of {trials} -> {out}/results.md"
+    )
     return len(objective.ran)
 
 
@@ -319,8 +370,10 @@ def _check_study(study, base: Config, space_path: Path, dims: list[Dim], metric:
         differs = config_difference(theirs["base"], mine["base"]) if part == "base" else theirs[part] != mine[part]
         if differs:
             what = differs if part == "base" else f"{flow(theirs[part])}, here {flow(mine[part])}"
-            raise LorafitError(f"study {study.study_name!r} was started with a different {part} ({what}); "
-                               f"use the same config, {space_path.name}, --metric and --seeds, or another --study")
+            raise LorafitError(
+                f"study {study.study_name!r} was started with a different {part} ({what}); "
+                f"use the same config, {space_path.name}, --metric and --seeds, or another --study"
+            )
 
 
 def search_rows(study, dims: list[Dim]) -> tuple[list[Row], list[str]]:

@@ -35,7 +35,9 @@ def log(msg: str) -> None:
 
 def lock(out: Path):
     """One sweep process per folder: two would train the same point into the same run folder."""
-    return runs.locked(out, f"another lorafit sweep (pid {{pid}}) is running in {out}; wait for it to finish or pick another -o")
+    return runs.locked(
+        out, f"another lorafit sweep (pid {{pid}}) is running in {out}; wait for it to finish or pick another -o"
+    )
 
 
 def config_difference(old: dict, new: dict) -> str:
@@ -51,8 +53,10 @@ def check_base(out: Path, base: Config) -> None:
     if path.exists():
         diff = config_difference(yaml.safe_load(path.read_text())["base"], base.to_dict())
         if diff:
-            raise LorafitError(f"{out} holds a sweep over a different base config ({diff}); "
-                               "re-run with the original config, or pick a new -o folder")
+            raise LorafitError(
+                f"{out} holds a sweep over a different base config ({diff}); "
+                "re-run with the original config, or pick a new -o folder"
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, yaml.safe_dump({"base": base.to_dict()}, sort_keys=False))

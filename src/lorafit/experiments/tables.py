@@ -14,7 +14,11 @@ from .. import runs
 from ..atomic import atomic_write_text
 from .points import flow
 
-METRICS = {"val_loss": "best_val_loss", "val_accuracy": "val_accuracy", "val_macro_f1": "val_macro_f1"}  # --metric -> column
+METRICS = {
+    "val_loss": "best_val_loss",
+    "val_accuracy": "val_accuracy",
+    "val_macro_f1": "val_macro_f1",
+}  # --metric -> column
 FIELDS = ("trainable", "best_val_loss", "val_accuracy", "val_macro_f1", "test_accuracy", "epochs", "wall_s")
 POINT_FILE = "point.json"  # in each run folder of a sweep: its point, seed and wall time
 
@@ -27,7 +31,9 @@ def read_record(folder: Path) -> dict:
     """The table's figures for one finished run folder."""
     metrics = json.loads((folder / runs.METRICS).read_text())
     history_file = folder / runs.HISTORY
-    history = [json.loads(x) for x in history_file.read_text().splitlines() if x.strip()] if history_file.exists() else []
+    history = (
+        [json.loads(x) for x in history_file.read_text().splitlines() if x.strip()] if history_file.exists() else []
+    )
     info = json.loads((folder / POINT_FILE).read_text()) if (folder / POINT_FILE).exists() else {}
     return {
         "trainable": metrics["training"]["trainable_parameters"],
@@ -54,10 +60,10 @@ def aggregate(records: list[dict]) -> dict[str, list]:
 
 @dataclass
 class Row:
-    keys: dict            # column key -> value
-    status: str           # done | over budget | failed: ... | pruned at step N | running
-    n: int                # finished seeds
-    values: dict          # field -> [mean, std]
+    keys: dict  # column key -> value
+    status: str  # done | over budget | failed: ... | pruned at step N | running
+    n: int  # finished seeds
+    values: dict  # field -> [mean, std]
     runs: list[str]
 
 
@@ -93,15 +99,26 @@ def write_tables(out: Path, rows: list[Row], keys: list[str], metric: str, title
     stds = [f for f in fields if seeds > 1 and f != "trainable"]
     w.writerow(keys + ["status", "seeds"] + fields + [f + "_std" for f in stds] + ["runs"])
     for r in rows:
-        w.writerow([flow(r.keys[k]) for k in keys] + [r.status, r.n]
-                   + ["" if r.values[f][0] is None else (int(r.values[f][0]) if f == "trainable" else round(r.values[f][0], 6)) for f in fields]
-                   + ["" if r.values[f][1] is None else round(r.values[f][1], 6) for f in stds] + [" ".join(r.runs)])
+        w.writerow(
+            [flow(r.keys[k]) for k in keys]
+            + [r.status, r.n]
+            + [
+                ""
+                if r.values[f][0] is None
+                else (int(r.values[f][0]) if f == "trainable" else round(r.values[f][0], 6))
+                for f in fields
+            ]
+            + ["" if r.values[f][1] is None else round(r.values[f][1], 6) for f in stds]
+            + [" ".join(r.runs)]
+        )
     atomic_write_text(out / "results.csv", buf.getvalue())
 
     short = {k: k.rsplit(".", 1)[-1] for k in keys}
     if len(set(short.values())) < len(short):
         short = {k: k for k in keys}
-    head = [short[k] for k in keys] + ["status"] + (["seeds"] if seeds > 1 else []) + [f.replace("_", " ") for f in fields]
+    head = (
+        [short[k] for k in keys] + ["status"] + (["seeds"] if seeds > 1 else []) + [f.replace("_", " ") for f in fields]
+    )
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_cell(r.keys[k]) for k in keys] + [r.status] + ([str(r.n)] if seeds > 1 else [])

@@ -40,7 +40,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if precision == "fp16":
         if device.type != "cuda":
-            raise LorafitError("train.precision=fp16 needs a CUDA GPU and none is in use; use precision auto, bf16 or fp32")
+            raise LorafitError(
+                "train.precision=fp16 needs a CUDA GPU and none is in use; use precision auto, bf16 or fp32"
+            )
         return torch.float16
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
@@ -52,7 +54,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def set_threads(n: int | None) -> None:
-    torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    torch.set_num_threads(
+        n or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
 
 
 @lru_cache(maxsize=1)

@@ -75,11 +75,31 @@ def attention_kernel():
         except OSError as e:
             why = str(e)
     if why:
-        warnings.warn(f"lorafit: attention kernel unavailable ({why}); using PyTorch's SDPA, which is slower on this CPU. Set CC to a C compiler with AVX-512 BF16 support to enable it", stacklevel=2)
+        warnings.warn(
+            f"lorafit: attention kernel unavailable ({why}); using PyTorch's SDPA, which is slower on this CPU. Set CC to a C compiler with AVX-512 BF16 support to enable it",
+            stacklevel=2,
+        )
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     strides = ctypes.POINTER(ctypes.c_int64)
-    fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, strides, strides, strides, strides, ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        strides,
+        strides,
+        strides,
+        strides,
+        ctypes.c_float,
+        ctypes.c_int,
+    ]
     fn.restype = ctypes.c_int
     return fn
 
@@ -105,7 +125,9 @@ def attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return attention_kernel() is not None
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
     """softmax(query key^T * scale, where mask) value, returned as (B, Lq, H, D) contiguous: what transformers'
     attention functions return. Call only where `attention_applies`."""
     b, h, lq, d = query.shape
@@ -113,15 +135,34 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     out = torch.empty(b, lq, h, d, dtype=query.dtype)
 
     def strides(t: torch.Tensor, n: int):
-        return (ctypes.c_int64 * n)(*(s if size > 1 else 0 for s, size in zip(t.stride()[:n], t.shape[:n])))
+        return (ctypes.c_int64 * n)(
+            *(s if size > 1 else 0 for s, size in zip(t.stride()[:n], t.shape[:n], strict=True))
+        )
 
     if mask is not None and mask.stride(3) != 1:
         mask = mask.contiguous()
     rc = attention_kernel()(
-        query.data_ptr(), key.data_ptr(), value.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(),
-        b, h, lq, lk, d, strides(query, 3), strides(key, 3), strides(value, 3),
-        strides(mask, 4) if mask is not None else (ctypes.c_int64 * 4)(), d**-0.5 if scale is None else scale, torch.get_num_threads(),
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        out.data_ptr(),
+        b,
+        h,
+        lq,
+        lk,
+        d,
+        strides(query, 3),
+        strides(key, 3),
+        strides(value, 3),
+        strides(mask, 4) if mask is not None else (ctypes.c_int64 * 4)(),
+        d**-0.5 if scale is None else scale,
+        torch.get_num_threads(),
     )
     if rc:
-        raise MemoryError("lorafit attention kernel: out of memory") if rc == -2 else RuntimeError(f"lorafit attention kernel: unsupported shape {tuple(query.shape)}")
+        raise (
+            MemoryError("lorafit attention kernel: out of memory")
+            if rc == -2
+            else RuntimeError(f"lorafit attention kernel: unsupported shape {tuple(query.shape)}")
+        )
     return out

@@ -90,7 +90,19 @@ def use_fast_dropout(model: nn.Module) -> int:
     return swapped
 
 
-def lorafit_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, *, cheap_dropout: bool = True, kernel: bool = False, **kwargs):
+def lorafit_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    *,
+    cheap_dropout: bool = True,
+    kernel: bool = False,
+    **kwargs,
+):
     """transformers' SDPA attention, with two CPU shortcuts: attention dropout by the math path with the cheaper
     masks (cheap_dropout), and inference calls (no dropout, no gradient, bf16) by lorafit's kernel (kernel)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -99,7 +111,9 @@ def lorafit_attention(module, query, key, value, attention_mask, dropout: float 
         if kernels.attention_applies(query, key, value, attention_mask):
             return kernels.attention(query, key, value, attention_mask, scaling), None
     if not cheap_dropout or dropout == 0.0 or query.device.type != "cpu":
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -135,7 +149,11 @@ def use_lorafit_attention(model: nn.Module, cheap_dropout: bool, kernel: bool) -
     cheap_dropout = cheap_dropout and any(p > 0 for p in _attention_dropouts(model))
     if kernel:  # the kernel takes bf16 only: a model stored in bf16 on the CPU
         params = list(model.parameters())
-        kernel = all(p.device.type == "cpu" for p in params) and any(p.dtype == torch.bfloat16 for p in params) and kernels.attention_kernel() is not None
+        kernel = (
+            all(p.device.type == "cpu" for p in params)
+            and any(p.dtype == torch.bfloat16 for p in params)
+            and kernels.attention_kernel() is not None
+        )
     name = next((n for n, flags in ATTENTIONS.items() if flags == (cheap_dropout, kernel)), None)
     if name is None:
         return None
@@ -161,7 +179,9 @@ def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=N
 
     weight = dequantize_module_weight(base_layer)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # the norm is a constant (DoRA paper, 4.3)
-        full = transpose(weight, self.fan_in_fan_out).float() + scaling * (lora_B.weight.float() @ lora_A.weight.float())
+        full = transpose(weight, self.fan_in_fan_out).float() + scaling * (
+            lora_B.weight.float() @ lora_A.weight.float()
+        )
         weight_norm = torch.linalg.norm(full, dim=1)
     scale = self.weight / weight_norm  # fp32, and the magnitude's gradient flows through it
     lora_result = lora_B(lora_A(x))
@@ -186,7 +206,9 @@ def use_fast_dora(model: nn.Module) -> int:
     return n
 
 
-def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+def _first_token_forward(
+    self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs
+) -> torch.Tensor:
     """A BERT/RoBERTa layer that computes only the first token's output (the one every classification head reads).
 
     Keys and values still come from every token; the query, attention output and feed-forward run on one row
@@ -203,10 +225,14 @@ def _first_token_forward(self, hidden_states: torch.Tensor, attention_mask: torc
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     dropout = att.dropout.p if self.training else 0.0
-    if dropout == 0.0 and ATTENTIONS.get(att.config._attn_implementation, (False, False))[1]:  # the kernel, where it applies
+    if (
+        dropout == 0.0 and ATTENTIONS.get(att.config._attn_implementation, (False, False))[1]
+    ):  # the kernel, where it applies
         ctx = lorafit_attention(att, q, k, v, mask, 0.0, att.scaling, cheap_dropout=False, kernel=True)[0]
     else:
-        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=att.scaling).transpose(1, 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=att.scaling
+        ).transpose(1, 2)
     ctx = ctx.reshape(b, 1, heads * size)
     return self.feed_forward_chunk(self.attention.output(ctx, first))
 
@@ -220,7 +246,11 @@ def first_token_last_layer(model: nn.Module) -> bool:
     Returns whether it applied; other architectures keep their full forward."""
     if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
         return False
-    layers = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(x, "feed_forward_chunk") for x in m)]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(x, "feed_forward_chunk") for x in m)
+    ]
     if len(layers) != 1 or not hasattr(layers[0][-1].attention, "self"):
         return False
     last = layers[0][-1]
@@ -243,7 +273,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(self.packed_weight.dtype)  # under autocast, what F.linear's input would be cast to
+        x = x.reshape(-1, shape[-1]).to(
+            self.packed_weight.dtype
+        )  # under autocast, what F.linear's input would be cast to
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.attr, [], self.algorithm)
         return y.view(*shape[:-1], self.out_features)
 
@@ -269,7 +301,9 @@ def pack_linear_layers(model: nn.Module) -> int:
     n = 0
     for m in list(model.modules()):
         act = getattr(m, "intermediate_act_fn", None)
-        fusable = type(act) is GELUActivation and act.act is torch.nn.functional.gelu  # BERT/RoBERTa's intermediate: dense, then GELU
+        fusable = (
+            type(act) is GELUActivation and act.act is torch.nn.functional.gelu
+        )  # BERT/RoBERTa's intermediate: dense, then GELU
         for name, child in list(m.named_children()):
             if _can_pack(child):
                 gelu = fusable and name == "dense"

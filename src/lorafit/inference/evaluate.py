@@ -19,7 +19,12 @@ def evaluate_run(run: LoadedRun, source: str) -> dict:
 
 
 def format_metrics(m: dict, label_names: list[str]) -> str:
-    lines = [f"samples: {m['samples']}", f"loss: {m['loss']:.4f}", f"accuracy: {m['accuracy']:.4f}", f"macro_f1: {m['macro_f1']:.4f}"]
+    lines = [
+        f"samples: {m['samples']}",
+        f"loss: {m['loss']:.4f}",
+        f"accuracy: {m['accuracy']:.4f}",
+        f"macro_f1: {m['macro_f1']:.4f}",
+    ]
     width = max(len(n) for n in label_names) + 2
     lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name in label_names:

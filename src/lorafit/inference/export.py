@@ -71,7 +71,9 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
     if out.exists() and not out.is_dir():
         raise LorafitError(f"--merged: {out} is a file; expected a folder to write the model into")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LorafitError(f"--merged: {out} already exists and is not empty; pass --overwrite to replace it or pick another folder")
+        raise LorafitError(
+            f"--merged: {out} already exists and is not empty; pass --overwrite to replace it or pick another folder"
+        )
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise LorafitError(f"--merged: {out} is inside the run folder {run_dir}; pick a folder outside it")
     cfg = runs.read_run_config(run_dir)
@@ -97,8 +99,10 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
         reloaded = AutoModelForSequenceClassification.from_pretrained(work, dtype=torch.float32)
         diff = float(np.abs(_logits(reloaded, run.tokenizer, cfg.model.max_length) - before).max())
         if not diff < MAX_ABS_DIFF:
-            raise LorafitError(f"the merged export's logits differ from the run's by up to {diff:.2e} (limit {MAX_ABS_DIFF:g}); "
-                               f"this adapter configuration cannot be merged faithfully, use the run itself (`lorafit predict`)")
+            raise LorafitError(
+                f"the merged export's logits differ from the run's by up to {diff:.2e} (limit {MAX_ABS_DIFF:g}); "
+                f"this adapter configuration cannot be merged faithfully, use the run itself (`lorafit predict`)"
+            )
         info = {
             "run": str(run_dir.resolve()),
             "model_type": merged.config.model_type,

@@ -33,7 +33,9 @@ class LoadedRun:
 
     def predict_logits(self, enc: Encoded, progress: str | None = None) -> np.ndarray:
         """Logits for every encoded row, in input order, with the run's own batch size, device and precision."""
-        return predict_logits(self.model, enc, self.cfg.eval.batch_size, self.tokenizer.pad_token_id, self.device, self.dtype, progress)
+        return predict_logits(
+            self.model, enc, self.cfg.eval.batch_size, self.tokenizer.pad_token_id, self.device, self.dtype, progress
+        )
 
 
 def load_run(folder: Path, precision: str | None = None, merge: bool = False) -> LoadedRun:
@@ -67,4 +69,3 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
         pack_linear_layers(model)  # after merging: the packed weights are final
     tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
-

@@ -55,7 +55,9 @@ class Classifier:
         texts = list(texts)
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
-            raise LorafitError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string ({len(bad)} such item(s)); pass a list of strings")
+            raise LorafitError(
+                f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string ({len(bad)} such item(s)); pass a list of strings"
+            )
         return preprocess.apply([t.strip() for t in texts], self.cfg.data.preprocess)
 
     def logits_of_prepared(self, texts: list[str], progress: str | None = None) -> np.ndarray:
@@ -97,7 +99,9 @@ def read_input(source: str) -> pd.DataFrame:
         return _read_stdin()
     suffix = Path(source).suffix.lower()
     if suffix not in INPUT_SUFFIXES:
-        raise LorafitError(f"--input: {source} has suffix {suffix!r}; expected one of {', '.join(INPUT_SUFFIXES)} or - for JSON lines on stdin")
+        raise LorafitError(
+            f"--input: {source} has suffix {suffix!r}; expected one of {', '.join(INPUT_SUFFIXES)} or - for JSON lines on stdin"
+        )
     if suffix in (".pkl", ".pickle"):
         return _read_pickle(Path(source))
     return read_table(source, "--input")
@@ -108,13 +112,19 @@ def _read_stdin() -> pd.DataFrame:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise LorafitError(f"--input -: standard input is not valid UTF-8 (byte {e.start}); send UTF-8 JSON lines") from None
+        raise LorafitError(
+            f"--input -: standard input is not valid UTF-8 (byte {e.start}); send UTF-8 JSON lines"
+        ) from None
     if not text.strip():
-        raise LorafitError("--input -: standard input is empty; expected JSON lines, one object per row (e.g. {\"text\": \"...\"})")
+        raise LorafitError(
+            '--input -: standard input is empty; expected JSON lines, one object per row (e.g. {"text": "..."})'
+        )
     try:
         return pd.read_json(io.StringIO(text), lines=True, dtype=False)
     except ValueError as e:
-        raise LorafitError(f"--input -: standard input could not be parsed as JSON lines: {str(e).splitlines()[0]}; send one JSON object per line") from None
+        raise LorafitError(
+            f"--input -: standard input could not be parsed as JSON lines: {str(e).splitlines()[0]}; send one JSON object per line"
+        ) from None
 
 
 def _read_pickle(path: Path) -> pd.DataFrame:
@@ -122,20 +132,28 @@ def _read_pickle(path: Path) -> pd.DataFrame:
     import pickle
 
     if not path.is_file():
-        raise LorafitError(f"--input: file {path} not found; expected a .csv, .parquet, .jsonl or .pkl file, or - for stdin")
+        raise LorafitError(
+            f"--input: file {path} not found; expected a .csv, .parquet, .jsonl or .pkl file, or - for stdin"
+        )
     if path.stat().st_size == 0:
         raise LorafitError(f"--input: {path} is empty; expected a pickled DataFrame or datasets.Dataset")
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f)  # noqa: S301 (the user's own file, like pd.read_pickle)
     except Exception as e:  # UnpicklingError, EOFError, a missing module...
-        raise LorafitError(f"--input: {path} could not be unpickled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}); expected a pickled DataFrame or datasets.Dataset") from None
+        raise LorafitError(
+            f"--input: {path} could not be unpickled ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}); expected a pickled DataFrame or datasets.Dataset"
+        ) from None
     if type(obj).__name__ == "DatasetDict":
-        raise LorafitError(f"--input: {path} holds a DatasetDict with splits {list(obj)}; pickle one split (e.g. ds['test']) instead")
+        raise LorafitError(
+            f"--input: {path} holds a DatasetDict with splits {list(obj)}; pickle one split (e.g. ds['test']) instead"
+        )
     if hasattr(obj, "to_pandas") and type(obj).__module__.startswith("datasets"):
         obj = obj.to_pandas()
     if not isinstance(obj, pd.DataFrame):
-        raise LorafitError(f"--input: {path} holds a {type(obj).__name__}; expected a pickled pandas DataFrame or datasets.Dataset")
+        raise LorafitError(
+            f"--input: {path} holds a {type(obj).__name__}; expected a pickled pandas DataFrame or datasets.Dataset"
+        )
     if len(obj) == 0:
         raise LorafitError(f"--input: {path} has no rows; expected at least one row")
     return obj.reset_index(drop=True)
@@ -146,11 +164,13 @@ def texts_of_frame(df: pd.DataFrame, cfg, label_names: list[str], source: str) -
     cols = list(cfg.data.text_columns)
     has_text = (join_texts(df, cols, source) != "").to_numpy()  # names the missing text column, if any
     if not has_text.any():
-        raise LorafitError(f"{source}: every one of the {len(df)} rows has empty text in {cols}; expected text in the run's data.text_columns")
+        raise LorafitError(
+            f"{source}: every one of the {len(df)} rows has empty text in {cols}; expected text in the run's data.text_columns"
+        )
     texts = [""] * len(df)
     # only the text columns: an input's own label column (any values) plays no part in prediction
     split = to_split(df.loc[has_text, cols], cfg.data, label_names, source, require_labels=False)
-    for i, t in zip(np.flatnonzero(has_text), split.texts):
+    for i, t in zip(np.flatnonzero(has_text), split.texts, strict=True):
         texts[i] = t
     return texts, int((~has_text).sum())
 
@@ -162,15 +182,21 @@ def row_ids(df: pd.DataFrame, id_column: str | None, source: str) -> tuple[str, 
             return DEFAULT_ID_COLUMN, pd.Series(np.arange(len(df)), name=DEFAULT_ID_COLUMN)
         id_column = DEFAULT_ID_COLUMN
     elif id_column not in df.columns:
-        raise LorafitError(f"{source}: id column {id_column!r} not found; the input has columns {list(df.columns)}; pass --id-column with one of them, or leave it out to number the rows")
+        raise LorafitError(
+            f"{source}: id column {id_column!r} not found; the input has columns {list(df.columns)}; pass --id-column with one of them, or leave it out to number the rows"
+        )
     ids = df[id_column].reset_index(drop=True)
     missing = ids.isna()
     if missing.any():
-        raise LorafitError(f"{source}: {int(missing.sum())} row(s) have no value in id column {id_column!r} (first at row {int(np.flatnonzero(missing)[0])}); fill them or use another --id-column")
+        raise LorafitError(
+            f"{source}: {int(missing.sum())} row(s) have no value in id column {id_column!r} (first at row {int(np.flatnonzero(missing)[0])}); fill them or use another --id-column"
+        )
     dup = ids.duplicated(keep=False)
     if dup.any():
         examples = list(dict.fromkeys(ids[dup].astype(str)))[:3]
-        raise LorafitError(f"{source}: id column {id_column!r} has {int(ids[dup].nunique())} duplicated value(s) in {int(dup.sum())} rows (e.g. {examples}); ids must be unique to match predictions back, fix them or use another --id-column")
+        raise LorafitError(
+            f"{source}: id column {id_column!r} has {int(ids[dup].nunique())} duplicated value(s) in {int(dup.sum())} rows (e.g. {examples}); ids must be unique to match predictions back, fix them or use another --id-column"
+        )
     return id_column, ids
 
 
@@ -183,7 +209,9 @@ def check_output(output: str, overwrite: bool) -> None:
     if path.is_dir():
         raise LorafitError(f"--output: {output} is a folder; expected a file name such as {path / 'predictions.csv'}")
     if suffix not in OUTPUT_SUFFIXES:
-        raise LorafitError(f"--output: {output} has suffix {suffix!r}; expected one of {', '.join(OUTPUT_SUFFIXES)} or - for JSON lines on stdout")
+        raise LorafitError(
+            f"--output: {output} has suffix {suffix!r}; expected one of {', '.join(OUTPUT_SUFFIXES)} or - for JSON lines on stdout"
+        )
     if path.exists() and not overwrite:
         raise LorafitError(f"--output: {output} already exists; pass --overwrite to replace it or pick another file")
     if not path.parent.is_dir():
@@ -213,9 +241,20 @@ def write_output(df: pd.DataFrame, output: str) -> None:
     atomic_write(path, lambda f: _write_frame(df, f, path.suffix.lower()))
 
 
-def predictions_frame(ids_name: str, ids: pd.Series, logits: np.ndarray, label_names: list[str], label_column: str, labels: str, proba: bool) -> pd.DataFrame:
+def predictions_frame(
+    ids_name: str,
+    ids: pd.Series,
+    logits: np.ndarray,
+    label_names: list[str],
+    label_column: str,
+    labels: str,
+    proba: bool,
+) -> pd.DataFrame:
     pred = logits.argmax(-1)
-    out = {ids_name: ids.to_numpy(), label_column: pred if labels == "ids" else np.asarray(label_names, dtype=object)[pred]}
+    out = {
+        ids_name: ids.to_numpy(),
+        label_column: pred if labels == "ids" else np.asarray(label_names, dtype=object)[pred],
+    }
     if proba:
         p = softmax(logits)
         for j, name in enumerate(label_names):
@@ -223,9 +262,19 @@ def predictions_frame(ids_name: str, ids: pd.Series, logits: np.ndarray, label_n
     return pd.DataFrame(out)
 
 
-def main(run_dir: Path, source: str, output: str, id_column: str | None = None, label_column: str = "label",
-         labels: str = "names", proba: bool = False, overwrite: bool = False, precision: str | None = None) -> pd.DataFrame:
+def main(
+    run_dir: Path,
+    source: str,
+    output: str,
+    id_column: str | None = None,
+    label_column: str = "label",
+    labels: str = "names",
+    proba: bool = False,
+    overwrite: bool = False,
+    precision: str | None = None,
+) -> pd.DataFrame:
     """`lorafit predict`: label every row of `source` and write ids, labels (and probabilities) to `output`."""
+
     def note(msg: str) -> None:  # stdout may carry the predictions
         print(msg, file=sys.stderr, flush=True)
 
@@ -237,7 +286,9 @@ def main(run_dir: Path, source: str, output: str, id_column: str | None = None, 
     df = read_input(source)
     ids_name, ids = row_ids(df, id_column, where)
     if label_column == ids_name:
-        raise LorafitError(f"--label-column {label_column!r} is also the id column; pick another --label-column or --id-column")
+        raise LorafitError(
+            f"--label-column {label_column!r} is also the id column; pick another --label-column or --id-column"
+        )
     texts, empty = texts_of_frame(df, cfg, label_names, where)
     clf = load(run_dir, precision)
     if empty:
@@ -247,5 +298,7 @@ def main(run_dir: Path, source: str, output: str, id_column: str | None = None, 
     seconds = time.perf_counter() - start
     out = predictions_frame(ids_name, ids, logits, clf.label_names, label_column, labels, proba)
     write_output(out, output)
-    note(f"predicted {len(out):,} rows in {seconds:.1f}s ({len(out) / max(seconds, 1e-9):,.0f} rows/s) -> {'stdout' if output == '-' else output}")
+    note(
+        f"predicted {len(out):,} rows in {seconds:.1f}s ({len(out) / max(seconds, 1e-9):,.0f} rows/s) -> {'stdout' if output == '-' else output}"
+    )
     return out

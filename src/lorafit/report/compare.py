@@ -14,6 +14,7 @@ from .html import figure_html, fmt, page, table
 from .plots import plot_val_loss_overlay
 from .run_files import RunFiles, read_run_files
 
+
 def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """Run folders from the arguments: each a run, or a sweep folder whose subfolders are runs. Also notes."""
     runs, notes = [], []
@@ -29,7 +30,9 @@ def find_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
         if unfinished:
             notes.append(f"{p}: skipped {len(unfinished)} unfinished run(s): {', '.join(sorted(unfinished)[:5])}")
         if not found:
-            raise LorafitError(f"{p} is neither a run folder (no config.yaml and metrics.json) nor a sweep folder with finished runs in its subfolders")
+            raise LorafitError(
+                f"{p} is neither a run folder (no config.yaml and metrics.json) nor a sweep folder with finished runs in its subfolders"
+            )
         runs += found
     unique = list(dict.fromkeys(r.resolve() for r in runs))
     return [next(r for r in runs if r.resolve() == u) for u in unique], notes
@@ -58,18 +61,20 @@ def comparison_rows(runs: list[RunFiles], labels: list[str]) -> tuple[list[str],
     keys = list(dict.fromkeys(k for f in flats for k in f))
     differ = [k for k in keys if len({_cell(f[k]) if k in f else "\0missing" for f in flats}) > 1]
     rows = []
-    for run, label, flat in zip(runs, labels, flats):
+    for run, label, flat in zip(runs, labels, flats, strict=True):
         m, tr = run.metrics, run.metrics.get("training", {})
         val_losses = [h["val_loss"] for h in run.history if h.get("val_loss") is not None]
         row = {"run": label}
         row.update({k: _cell(flat[k]) if k in flat else "" for k in differ})
-        row.update({
-            "trainable_params": tr.get("trainable_parameters", (run.budget or {}).get("total")),
-            "best_val_loss": min(val_losses) if val_losses else m.get("val", {}).get("loss"),
-            "val_accuracy": m.get("val", {}).get("accuracy"),
-            "test_accuracy": m.get("test", {}).get("accuracy"),
-            "wall_time_s": tr.get("train_seconds"),
-        })
+        row.update(
+            {
+                "trainable_params": tr.get("trainable_parameters", (run.budget or {}).get("total")),
+                "best_val_loss": min(val_losses) if val_losses else m.get("val", {}).get("loss"),
+                "val_accuracy": m.get("val", {}).get("accuracy"),
+                "test_accuracy": m.get("test", {}).get("accuracy"),
+                "wall_time_s": tr.get("train_seconds"),
+            }
+        )
         rows.append(row)
     return ["run", *differ, "trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s"], rows
 
@@ -77,7 +82,11 @@ def comparison_rows(runs: list[RunFiles], labels: list[str]) -> tuple[list[str],
 def _markdown(columns: list[str], rows: list[dict]) -> str:
     def fmt(col, v):
         if v is None or v == "":
-            return "—" if col in ("test_accuracy", "best_val_loss", "val_accuracy", "wall_time_s", "trainable_params") else ""
+            return (
+                "—"
+                if col in ("test_accuracy", "best_val_loss", "val_accuracy", "wall_time_s", "trainable_params")
+                else ""
+            )
         if col == "trainable_params":
             return f"{int(v):,}"
         if col == "wall_time_s":
@@ -87,7 +96,10 @@ def _markdown(columns: list[str], rows: list[dict]) -> str:
         return str(v).replace("|", "\\|")
 
     numeric = {"trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s"}
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|",
+    ]
     lines += ["| " + " | ".join(fmt(c, r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -113,8 +125,20 @@ def compare(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     w.writerows(rows)
     atomic_write_text(out / "comparison.csv", buf.getvalue())
     png = plot_val_loss_overlay(runs, labels, out / "val_loss.png")
-    numeric = {j for j, c in enumerate(columns) if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s")}
-    table_rows = [[fmt(r[c], 1 if c == "wall_time_s" else 4) if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s") else r[c] for c in columns] for r in rows]
+    numeric = {
+        j
+        for j, c in enumerate(columns)
+        if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s")
+    }
+    table_rows = [
+        [
+            fmt(r[c], 1 if c == "wall_time_s" else 4)
+            if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s")
+            else r[c]
+            for c in columns
+        ]
+        for r in rows
+    ]
     body = [
         f"<h1>lorafit: {len(runs)} runs compared</h1>",
         "<p>Config keys that differ between the runs, then the results. Validation accuracy is the best checkpoint's; "

@@ -7,7 +7,6 @@ import html
 import math
 from pathlib import Path
 
-
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
@@ -29,15 +28,23 @@ def figure_html(png: Path, caption: str, wide: bool = False) -> str:
 
 def table(header: list[str] | None, rows: list[list], numeric: set[int] = frozenset()) -> str:
     cls = lambda j: ' class="num"' if j in numeric else ""  # noqa: E731
-    head = "<tr>" + "".join(f"<th{cls(j)}>{html.escape(str(h))}</th>" for j, h in enumerate(header)) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td{cls(j)}>{html.escape(str(v))}</td>" for j, v in enumerate(r)) + "</tr>" for r in rows)
+    head = (
+        "<tr>" + "".join(f"<th{cls(j)}>{html.escape(str(h))}</th>" for j, h in enumerate(header)) + "</tr>"
+        if header
+        else ""
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(j)}>{html.escape(str(v))}</td>" for j, v in enumerate(r)) + "</tr>" for r in rows
+    )
     return f"<table>{head}{body}</table>"
 
 
 def page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>\n'
-            f"<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>\n'
+        f"<body>\n{body}\n</body></html>\n"
+    )
 
 
 def fmt(v, digits: int = 4) -> str:

@@ -37,8 +37,16 @@ def _readable_ylim(ax, values: list[float], floor: float | None = None, ceiling:
 
 def _few_evaluations_note(ax, n: int) -> None:
     if n == 1:
-        ax.text(0.5, 0.02, "one evaluation: set eval.every to a number of steps for a curve", ha="center", va="bottom",
-                transform=ax.transAxes, color="0.4", fontsize=8)
+        ax.text(
+            0.5,
+            0.02,
+            "one evaluation: set eval.every to a number of steps for a curve",
+            ha="center",
+            va="bottom",
+            transform=ax.transAxes,
+            color="0.4",
+            fontsize=8,
+        )
 
 
 def plot_loss(run: RunFiles, path: Path) -> Path:
@@ -115,7 +123,9 @@ def lr_curve(run: RunFiles) -> tuple[list[int], list[float]] | None:
         if step in val_loss_at:
             sched.on_eval(val_loss_at[step])
     recorded = {r["step"]: r["lr"] for r in h}
-    if any(s > steps_run or not math.isclose(lrs[s - 1], lr, rel_tol=1e-6, abs_tol=1e-12) for s, lr in recorded.items()):
+    if any(
+        s > steps_run or not math.isclose(lrs[s - 1], lr, rel_tol=1e-6, abs_tol=1e-12) for s, lr in recorded.items()
+    ):
         return None
     return steps, lrs
 
@@ -127,7 +137,13 @@ def plot_lr(run: RunFiles, path: Path) -> Path:
     if curve:
         ax.plot(*curve, "-", label="schedule")
     if run.history:
-        ax.plot([r["step"] for r in run.history], [r["lr"] for r in run.history], "o", label="at evaluations", **({} if curve else {"linestyle": "-"}))
+        ax.plot(
+            [r["step"] for r in run.history],
+            [r["lr"] for r in run.history],
+            "o",
+            label="at evaluations",
+            **({} if curve else {"linestyle": "-"}),
+        )
         ax.legend()
     else:
         _no_data(ax, "learning rate")
@@ -149,7 +165,7 @@ def plot_confusion(run: RunFiles, path: Path) -> Path:
     side = max(3.6, 0.55 * n + 2.2)
     fig = _figure(side * max(1, len(splits)), side)
     axes = fig.subplots(1, max(1, len(splits)), squeeze=False)[0]
-    for ax, split in zip(axes, splits or [None]):
+    for ax, split in zip(axes, splits or [None], strict=True):
         if split is None:
             _no_data(ax, "confusion matrix")
             continue
@@ -159,9 +175,21 @@ def plot_confusion(run: RunFiles, path: Path) -> Path:
         if n <= 25:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8 if n > 10 else 10,
-                            color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(n), run.label_names, rotation=45 if n > 4 or max(map(len, run.label_names)) > 8 else 0, ha="right" if n > 4 else "center")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(cm[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if n > 10 else 10,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(
+            range(n),
+            run.label_names,
+            rotation=45 if n > 4 or max(map(len, run.label_names)) > 8 else 0,
+            ha="right" if n > 4 else "center",
+        )
         ax.set_yticks(range(n), run.label_names)
         ax.set(xlabel="predicted", ylabel="true", title=f"{split} ({int(cm.sum())} rows)")
     return _save(fig, path)
@@ -178,7 +206,12 @@ def plot_f1(run: RunFiles, path: Path) -> Path:
     x = np.arange(n)
     for k, split in enumerate(splits):
         f1 = [run.metrics[split]["per_class"][c]["f1"] for c in run.label_names]
-        bars = ax.bar(x + (k - (len(splits) - 1) / 2) * width, f1, width, label=f"{split} (macro {run.metrics[split]['macro_f1']:.3f})")
+        bars = ax.bar(
+            x + (k - (len(splits) - 1) / 2) * width,
+            f1,
+            width,
+            label=f"{split} (macro {run.metrics[split]['macro_f1']:.3f})",
+        )
         if n <= 12:
             ax.bar_label(bars, fmt="%.3f", fontsize=8)
     if not splits:
@@ -194,7 +227,7 @@ def plot_f1(run: RunFiles, path: Path) -> Path:
 def plot_val_loss_overlay(runs: list[RunFiles], labels: list[str], path: Path) -> Path:
     fig = _figure(8.0, 4.8)
     ax = fig.add_subplot()
-    for run, label in zip(runs, labels):
+    for run, label in zip(runs, labels, strict=True):
         h = run.history
         if h:
             ax.plot([r["epoch"] for r in h], [r["val_loss"] for r in h], "o-", markersize=3, label=label)

@@ -32,7 +32,11 @@ def read_run_files(folder: Path, being_written: bool = False) -> RunFiles:
     folder = runs.check_complete(folder, being_written)
     config_text = (folder / runs.CONFIG).read_text(encoding="utf-8")
     history_path = folder / runs.HISTORY
-    history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()] if history_path.is_file() else []
+    history = (
+        [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+        if history_path.is_file()
+        else []
+    )
     budget_path = folder / runs.BUDGET
     return RunFiles(
         folder=folder,

@@ -29,7 +29,9 @@ def _summary_rows(run: RunFiles) -> list[list]:
     for split in ("val", "test"):
         m = run.metrics.get(split)
         if m:
-            rows.append([split, fmt(m.get("samples")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")), fmt(m.get("loss"))])
+            rows.append(
+                [split, fmt(m.get("samples")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")), fmt(m.get("loss"))]
+            )
     return rows
 
 
@@ -44,12 +46,17 @@ def _budget_html(budget: dict | None) -> str:
     per_module = budget.get("per_module") or {}
     if per_module:
         out += "<p>Adapted module types:</p>" + table(
-            ["module type", "modules", "adapter parameters"], [[k, fmt(v["modules"]), fmt(v["params"])] for k, v in per_module.items()], {1, 2})
+            ["module type", "modules", "adapter parameters"],
+            [[k, fmt(v["modules"]), fmt(v["params"])] for k, v in per_module.items()],
+            {1, 2},
+        )
     extra = []
     if budget.get("head_modules"):
         extra.append("head modules (train fully): " + ", ".join(budget["head_modules"]))
     if budget.get("base_total"):
-        extra.append(f"{100 * budget['total'] / budget['base_total']:.2f}% of the model's {budget['base_total']:,} parameters")
+        extra.append(
+            f"{100 * budget['total'] / budget['base_total']:.2f}% of the model's {budget['base_total']:,} parameters"
+        )
     return out + "".join(f"<p>{html.escape(e)}</p>" for e in extra)
 
 
@@ -70,8 +77,15 @@ def write_report(folder: Path, being_written: bool = False) -> Path:
         ["model", model],
         ["data", run.config.get("data", {}).get("source", "?")],
         ["trainable parameters", fmt(tr.get("trainable_parameters"))],
-        ["steps", f"{fmt(tr.get('steps'))} ({fmt(tr.get('epochs'), 2)} epochs), best at step {fmt(tr.get('best_step'))}" + (", stopped early" if tr.get("stopped_early") else "")],
-        ["training time", f"{fmt(tr.get('train_seconds'), 1)} s ({fmt(tr.get('train_samples_per_s'), 1)} samples/s), {tr.get('precision', '?')} on {tr.get('device', '?')}"],
+        [
+            "steps",
+            f"{fmt(tr.get('steps'))} ({fmt(tr.get('epochs'), 2)} epochs), best at step {fmt(tr.get('best_step'))}"
+            + (", stopped early" if tr.get("stopped_early") else ""),
+        ],
+        [
+            "training time",
+            f"{fmt(tr.get('train_seconds'), 1)} s ({fmt(tr.get('train_samples_per_s'), 1)} samples/s), {tr.get('precision', '?')} on {tr.get('device', '?')}",
+        ],
     ]
     body = [
         f"<h1>lorafit run {html.escape(run.name)}</h1>",
@@ -83,7 +97,11 @@ def write_report(folder: Path, being_written: bool = False) -> Path:
         figure_html(pngs["accuracy"], "Validation accuracy against epoch"),
         figure_html(pngs["lr"], "Learning rate against optimizer step"),
         "<h2>Errors by class</h2>",
-        figure_html(pngs["confusion"], "Confusion matrix (rows: true class; colour: share of the row)", wide=len(scored_splits(run)) > 1),
+        figure_html(
+            pngs["confusion"],
+            "Confusion matrix (rows: true class; colour: share of the row)",
+            wide=len(scored_splits(run)) > 1,
+        ),
         figure_html(pngs["f1"], "Per-class F1"),
         "<h2>Trainable-parameter budget</h2>",
         _budget_html(run.budget),
@@ -100,4 +118,7 @@ def write_run_report(folder: Path) -> None:
     try:
         write_report(folder, being_written=True)
     except Exception as e:  # noqa: BLE001
-        print(f"warning: report.html not written ({type(e).__name__}: {e}); rebuild it with `lorafit report RUN`", flush=True)
+        print(
+            f"warning: report.html not written ({type(e).__name__}: {e}); rebuild it with `lorafit report RUN`",
+            flush=True,
+        )

@@ -86,9 +86,13 @@ def restore(state: TrainingState, saved: dict, config: dict, device) -> float | 
     saved_config = migrate_saved(saved["config"])
     changed = differing_keys(saved_config, config, ignore=RESUME_OVERRIDES)
     if changed:
-        raise LorafitError(f"{saved['path']} was written with a different config ({', '.join(changed[:5])} differ); resume with the run's own config.yaml or start a new run")
+        raise LorafitError(
+            f"{saved['path']} was written with a different config ({', '.join(changed[:5])} differ); resume with the run's own config.yaml or start a new run"
+        )
     if set(saved["trainable"]) != set(state.trainable):
-        raise LorafitError(f"{saved['path']} does not hold this model's trainable parameters; resume with the run's own config.yaml or start a new run")
+        raise LorafitError(
+            f"{saved['path']} does not hold this model's trainable parameters; resume with the run's own config.yaml or start a new run"
+        )
     with torch.no_grad():
         for name, p in state.trainable.items():
             p.copy_(saved["trainable"][name])
@@ -106,7 +110,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
     }
 
@@ -171,11 +181,15 @@ class Checkpoints:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous checkpoint
-                print(f"note: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
+                print(
+                    f"note: skipping unreadable checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                    flush=True,
+                )
                 continue
             if not isinstance(state, dict) or state.get("format") != FORMAT:
-                raise LorafitError(f"{path}: not a lorafit checkpoint of format {FORMAT}; it was written by another lorafit version, start a new run")
+                raise LorafitError(
+                    f"{path}: not a lorafit checkpoint of format {FORMAT}; it was written by another lorafit version, start a new run"
+                )
             state["path"] = str(path)
             return state
         return None
-

@@ -47,7 +47,9 @@ def _env_int(names: tuple[str, ...], default: int) -> int:
             try:
                 return int(value)
             except ValueError:
-                raise LorafitError(f"{name}={value!r} in the environment is not an integer; it should be set by torchrun or accelerate launch") from None
+                raise LorafitError(
+                    f"{name}={value!r} in the environment is not an integer; it should be set by torchrun or accelerate launch"
+                ) from None
     return default
 
 
@@ -82,7 +84,9 @@ def is_comm_error(e: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     text = str(e)
-    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "ProcessGroup", "Connection reset", "Connection closed", "Timed out"))
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "NCCL", "ProcessGroup", "Connection reset", "Connection closed", "Timed out")
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -127,7 +131,7 @@ class Dist:
     # -----------------------------------------------------------------------------------------------------------------
     # Setting up
 
-    def start(self, device, out: Path) -> "Dist":
+    def start(self, device, out: Path) -> Dist:
         """Join the process group (gloo on CPU, NCCL on CUDA) after every process has checked its config and data."""
         if not self.active or self.started:
             return self
@@ -140,15 +144,22 @@ class Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
             if not dist.is_initialized():
-                dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=self.timeout),
-                                        **({"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}))
+                dist.init_process_group(
+                    backend,
+                    rank=self.rank,
+                    world_size=self.world,
+                    timeout=datetime.timedelta(seconds=self.timeout),
+                    **({"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}),
+                )
             self.started = True
             me = (socket.gethostname(), os.getpid(), str(out))
             self.peers = self.all_gather_object(me)
         except Exception as e:
             if is_comm_error(e):
-                raise PeerFailure(f"training could not start: the {self.world} processes of this run did not all join within {self.timeout:g} s "
-                                  f"(another one exited or hangs; {TIMEOUT_ENV} sets the timeout)") from None
+                raise PeerFailure(
+                    f"training could not start: the {self.world} processes of this run did not all join within {self.timeout:g} s "
+                    f"(another one exited or hangs; {TIMEOUT_ENV} sets the timeout)"
+                ) from None
             raise
         self.out = Path(self.peers[0][2])
         return self
@@ -352,7 +363,11 @@ class Dist:
 
     def stopped_message(self, out, resumable: bool) -> str:
         exited = self.exited_ranks() if self.peers else []
-        who = f"another process of this run exited (rank {', '.join(map(str, exited))})" if exited else "another process of this run exited or the launcher stopped this one"
+        who = (
+            f"another process of this run exited (rank {', '.join(map(str, exited))})"
+            if exited
+            else "another process of this run exited or the launcher stopped this one"
+        )
         if resumable:
             return f"training stopped: {who}; the run is kept: continue it with `{self.resume_command(out)}`"
         return f"training stopped: {who}; no checkpoint had been written, so start the run again"
@@ -396,8 +411,11 @@ def launched() -> Dist:
     if world <= 1:
         _current = Dist()
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR"):
-            print("note: `accelerate launch --cpu` started one process: on CPU it starts several only through MPI (--mpirun_hostfile); "
-                  "for N CPU processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`", flush=True)
+            print(
+                "note: `accelerate launch --cpu` started one process: on CPU it starts several only through MPI (--mpirun_hostfile); "
+                "for N CPU processes use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`",
+                flush=True,
+            )
         return _current
     rank = _env_int(_RANK, 0)
     try:
@@ -405,8 +423,16 @@ def launched() -> Dist:
         if not timeout > 0:
             raise ValueError
     except ValueError:
-        raise LorafitError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected a positive number of seconds (default {DEFAULT_TIMEOUT:g})") from None
-    _current = Dist(rank=rank, world=world, local_rank=_env_int(_LOCAL_RANK, 0), local_world=_env_int(_LOCAL_WORLD, world), timeout=timeout)
+        raise LorafitError(
+            f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected a positive number of seconds (default {DEFAULT_TIMEOUT:g})"
+        ) from None
+    _current = Dist(
+        rank=rank,
+        world=world,
+        local_rank=_env_int(_LOCAL_RANK, 0),
+        local_world=_env_int(_LOCAL_WORLD, world),
+        timeout=timeout,
+    )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # MPI launchers may leave the rendezvous to us on one machine
     os.environ.setdefault("MASTER_PORT", "29500")
 

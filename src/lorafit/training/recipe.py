@@ -25,7 +25,7 @@ from ..config import Config, save_config
 from ..data import Data, known_num_labels, load_data
 from ..errors import LorafitError
 from ..fast import patches
-from ..fast.device import pick_device, release_free_memory, resolve_precision, set_threads, store_frozen_in, autocast
+from ..fast.device import autocast, pick_device, release_free_memory, resolve_precision, set_threads, store_frozen_in
 from ..metrics import classification_metrics
 from ..models import build_model, load_tokenizer, wrap
 from ..report.run_report import write_run_report
@@ -89,18 +89,30 @@ def setup(cfg: Config) -> Setup:
     store_frozen_in(model, dtype)
     fast = patches.apply(model, cfg.speed)
     log(
-        f"data: {len(train_enc)} train / {len(val_enc)} val" + (f" / {len(test_enc)} test" if test_enc else "")
+        f"data: {len(train_enc)} train / {len(val_enc)} val"
+        + (f" / {len(test_enc)} test" if test_enc else "")
         + f" rows, {len(data.label_names)} classes; device {device.type}, compute {str(dtype).replace('torch.', '')}, "
-        f"{torch.get_num_threads()} threads; {counted:,} trainable parameters" + (f"; {', '.join(fast)}" if fast else "")
+        f"{torch.get_num_threads()} threads; {counted:,} trainable parameters"
+        + (f"; {', '.join(fast)}" if fast else "")
     )
     return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc)
 
 
 def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
     def predict(rows: Encoded) -> np.ndarray:
-        return predict_logits(s.model, rows, s.cfg.eval.batch_size, s.tokenizer.pad_token_id, s.device, s.dtype, progress if s.dist.main else None)
+        return predict_logits(
+            s.model,
+            rows,
+            s.cfg.eval.batch_size,
+            s.tokenizer.pad_token_id,
+            s.device,
+            s.dtype,
+            progress if s.dist.main else None,
+        )
 
-    logits = s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)  # several processes: each scores a share
+    logits = (
+        s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)
+    )  # several processes: each scores a share
     return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits}
 
 
@@ -110,14 +122,18 @@ def _improved(metric: str, value: float, best: float | None, threshold: float) -
     return value < best - threshold if metric == "val_loss" else value > best + threshold
 
 
-def _numerical_fault(s: Setup, what: str, value: float, step: int, epoch: int, checkpoints: Checkpoints | None) -> LorafitError:
+def _numerical_fault(
+    s: Setup, what: str, value: float, step: int, epoch: int, checkpoints: Checkpoints | None
+) -> LorafitError:
     """One line: where it happened, the usual fixes, and the last good checkpoint, which is kept.
 
     A train loss or gradient of step k comes from the weights after step k-1: a checkpoint of step k-1 holds
     the weights that failed, so it is dropped, and resuming starts from the one before.
     """
     t = s.cfg.train
-    fixes = f"lower train.lr (now {t.lr:g})" + (f" or use train.precision=fp32 (now {str(s.dtype).replace('torch.', '')})" if s.dtype != torch.float32 else "")
+    fixes = f"lower train.lr (now {t.lr:g})" + (
+        f" or use train.precision=fp32 (now {str(s.dtype).replace('torch.', '')})" if s.dtype != torch.float32 else ""
+    )
     kept = ""
     if checkpoints is not None:
         if what != "validation loss":
@@ -151,7 +167,9 @@ class Loop:
     def __init__(self, s: Setup, history_path: Path | None, on_eval, checkpoints: Checkpoints | None):
         self.s, self.history_path, self.on_eval, self.checkpoints = s, history_path, on_eval, checkpoints
         t, d = s.cfg.train, s.dist
-        self.global_batch = t.batch_size * d.world  # the rows of one forward pass over all processes; each process takes its share
+        self.global_batch = (
+            t.batch_size * d.world
+        )  # the rows of one forward pass over all processes; each process takes its share
         self.steps_per_epoch = math.ceil(math.ceil(len(s.train_enc) / self.global_batch) / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(self.steps_per_epoch * t.epochs))
         every = s.cfg.eval.every
@@ -174,23 +192,39 @@ class Loop:
         quick = Encoded(s.val_enc.ids[: s.cfg.eval.batch_size], s.val_enc.labels[: s.cfg.eval.batch_size])
         loss0 = evaluate(s, quick)["loss"]
         if not math.isfinite(loss0):
-            raise LorafitError(f"the untrained model gives a non-finite validation loss ({loss0}); try train.precision=fp32")
+            raise LorafitError(
+                f"the untrained model gives a non-finite validation loss ({loss0}); try train.precision=fp32"
+            )
 
     def resume_from(self, saved: dict) -> None:
         s, st, d = self.s, self.state, self.s.dist
         processes = saved.get("processes", 1)
         if processes != d.world:
             run_folder = Path(saved["path"]).parent.parent
-            how = f"`{d.resume_command(run_folder, processes)}`" if processes > 1 else f"one process: `lorafit train --resume {run_folder}` without a launcher"
-            raise LorafitError(f"{saved['path']} was written by {processes} process(es) and this is {d.world}: the effective batch size would change; "
-                               f"resume it with {how}")
+            how = (
+                f"`{d.resume_command(run_folder, processes)}`"
+                if processes > 1
+                else f"one process: `lorafit train --resume {run_folder}` without a launcher"
+            )
+            raise LorafitError(
+                f"{saved['path']} was written by {processes} process(es) and this is {d.world}: the effective batch size would change; "
+                f"resume it with {how}"
+            )
         old_lr = restore(st, saved, s.cfg.to_dict(), s.device)
         if old_lr is not None:
-            log(f"note: train.lr changes from {old_lr:g} to {s.cfg.train.lr:g}: the schedule is scaled by {s.cfg.train.lr / old_lr:g} from here on")
+            log(
+                f"note: train.lr changes from {old_lr:g} to {s.cfg.train.lr:g}: the schedule is scaled by {s.cfg.train.lr / old_lr:g} from here on"
+            )
             st.schedule.rescale(s.cfg.train.lr / old_lr)
         p = st.progress
-        where = "training had finished" if p.done else f"epoch {p.epoch + 1}, batch {p.batch} of {math.ceil(len(s.train_enc) / self.global_batch)}"
-        log(f"resuming from {saved['path']}: step {p.step} of {self.total} ({where}), {len(st.result.history)} evaluations so far")
+        where = (
+            "training had finished"
+            if p.done
+            else f"epoch {p.epoch + 1}, batch {p.batch} of {math.ceil(len(s.train_enc) / self.global_batch)}"
+        )
+        log(
+            f"resuming from {saved['path']}: step {p.step} of {self.total} ({where}), {len(st.result.history)} evaluations so far"
+        )
         if self.history_path:  # rows evaluated after the checkpoint were lost with the process; they are computed again
             atomic_write_text(self.history_path, "".join(json.dumps(row) + "\n" for row in st.result.history))
         set_rng_state(saved["rng_ranks"][d.rank] if d.active else saved["rng"])
@@ -198,12 +232,16 @@ class Loop:
     def announce(self) -> None:
         t, d = self.s.cfg.train, self.s.dist
         if d.active:
-            log(f"training {self.total} steps ({t.epochs:g} epochs of {self.steps_per_epoch} steps) on {d.world} processes: batch {t.batch_size} per process "
+            log(
+                f"training {self.total} steps ({t.epochs:g} epochs of {self.steps_per_epoch} steps) on {d.world} processes: batch {t.batch_size} per process "
                 f"x {d.world} processes x accum {t.grad_accum} = effective batch {self.global_batch * t.grad_accum}, lr {t.lr:g} "
-                f"(not scaled with the number of processes); evaluating every {self.eval_every} steps")
+                f"(not scaled with the number of processes); evaluating every {self.eval_every} steps"
+            )
         else:
-            log(f"training {self.total} steps ({t.epochs:g} epochs of {self.steps_per_epoch} steps, batch {t.batch_size} x accum {t.grad_accum}), "
-                f"evaluating every {self.eval_every} steps")
+            log(
+                f"training {self.total} steps ({t.epochs:g} epochs of {self.steps_per_epoch} steps, batch {t.batch_size} x accum {t.grad_accum}), "
+                f"evaluating every {self.eval_every} steps"
+            )
 
     def step(self, group: list[np.ndarray], epoch: int) -> None:
         """One optimizer step over a group of grad_accum batches (each split across the processes)."""
@@ -215,7 +253,9 @@ class Loop:
             value = d.global_mean(loss.item() if loss is not None else 0.0, len(local), len(index))
             if not math.isfinite(value):  # stop before the optimizer spreads it into the weights
                 raise _numerical_fault(s, "training loss", value, p.step + 1, epoch, self.checkpoints)
-            if loss is not None:  # weighted by its share of all rows: the summed gradients are the mean over the global batch
+            if (
+                loss is not None
+            ):  # weighted by its share of all rows: the summed gradients are the mean over the global batch
                 (loss * (len(local) / sum(len(b) for b in group))).backward()
             p.run_loss += value * len(index)
             p.run_n += len(index)
@@ -229,7 +269,9 @@ class Loop:
         if s.device.type == "cpu" and (p.step + 1) % TRIM_EVERY == 0:
             release_free_memory()
         now = self.elapsed
-        st.schedule.step(d.from_main(now) if t.max_seconds else now)  # a time-limited schedule follows rank 0's clock everywhere
+        st.schedule.step(
+            d.from_main(now) if t.max_seconds else now
+        )  # a time-limited schedule follows rank 0's clock everywhere
         p.step += 1
         p.seen += sum(len(b) for b in group)
 
@@ -259,12 +301,16 @@ class Loop:
             self.on_eval(row)
         p.run_loss, p.run_n = 0.0, 0
         st.schedule.on_eval(val["loss"])
-        self.say(f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}")
+        self.say(
+            f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}"
+        )
         if _improved(es.metric, row[es.metric], res.best_value, es.threshold if res.best_value is not None else 0.0):
             res.best_value, res.best_step = row[es.metric], p.step
             st.best = {k: v.detach().clone() for k, v in st.trainable.items()}
         elif es.patience and sum(1 for h in res.history if h["step"] > res.best_step) >= es.patience:
-            self.say(f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations")
+            self.say(
+                f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations"
+            )
             res.stopped_early = p.done = True
         res.epochs_run = frac_epoch
 
@@ -275,9 +321,13 @@ class Loop:
         due = self.checkpoints.due(p.step) if self.checkpoints is not None else bool(every) and p.step % every == 0
         if (self.checkpoints is None and not d.active) or not (p.done or end_of_epoch or due):
             return
-        rngs = d.all_gather_object(rng_state()) if d.active else None  # every process takes part; only rank 0 holds `checkpoints`
+        rngs = (
+            d.all_gather_object(rng_state()) if d.active else None
+        )  # every process takes part; only rank 0 holds `checkpoints`
         if self.checkpoints is not None:
-            now = TrainingState(st.optimizer, st.schedule, st.trainable, replace(p, elapsed=self.elapsed), st.result, st.best)
+            now = TrainingState(
+                st.optimizer, st.schedule, st.trainable, replace(p, elapsed=self.elapsed), st.result, st.best
+            )
             self.checkpoints.save(pack(now, s.cfg.to_dict(), d.world, rngs), p.step, st.result.best_step)
 
     def run(self) -> Result:
@@ -292,12 +342,16 @@ class Loop:
         try:
             while not p.done:
                 epoch = p.epoch
-                batches = train_batches(s.train_enc.lengths, self.global_batch, t.seed, epoch, s.cfg.speed.group_by_length)  # the same on every process
+                batches = train_batches(
+                    s.train_enc.lengths, self.global_batch, t.seed, epoch, s.cfg.speed.group_by_length
+                )  # the same on every process
                 for i in range(p.batch, len(batches), t.grad_accum):
                     group = batches[i : i + t.grad_accum]
                     self.step(group, epoch)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{p.run_loss / max(p.run_n, 1):.4f}", lr=f"{st.schedule.lr:.2e}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{p.run_loss / max(p.run_n, 1):.4f}", lr=f"{st.schedule.lr:.2e}", refresh=False
+                    )
                     end_of_epoch = i + t.grad_accum >= len(batches)
                     p.epoch, p.batch = (epoch + 1, 0) if end_of_epoch else (epoch, i + t.grad_accum)
                     p.done = p.step >= self.total or bool(t.max_seconds and d.any(self.elapsed >= t.max_seconds))
@@ -323,7 +377,13 @@ class Loop:
                     st.trainable[k].copy_(v)
 
 
-def train(s: Setup, history_path: Path | None = None, on_eval=None, checkpoints: Checkpoints | None = None, resume: dict | None = None) -> Result:
+def train(
+    s: Setup,
+    history_path: Path | None = None,
+    on_eval=None,
+    checkpoints: Checkpoints | None = None,
+    resume: dict | None = None,
+) -> Result:
     """Train the set-up model (see Loop); with `resume`, continue from that loaded checkpoint."""
     d = s.dist
     loop = Loop(s, history_path, on_eval, checkpoints)
@@ -351,7 +411,9 @@ def final_metrics(s: Setup, res: Result) -> dict:
         "best_" + s.cfg.eval.early_stopping.metric: res.best_value,
         "stopped_early": res.stopped_early,
         "train_seconds": round(res.train_seconds, 2),
-        "train_samples_per_s": round(res.steps * s.cfg.train.batch_size * s.dist.world * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2),
+        "train_samples_per_s": round(
+            res.steps * s.cfg.train.batch_size * s.dist.world * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2
+        ),
         "trainable_parameters": s.budget.total,
         "precision": str(s.dtype).replace("torch.", ""),
         "device": s.device.type,
@@ -382,7 +444,10 @@ def summary_line(res: Result, folder: Path) -> str:
     if "test" in m:
         parts.append(f"test accuracy {m['test']['accuracy']:.4f}")
     tr = m["training"]
-    parts += [f"{tr['trainable_parameters']:,} trainable", f"{tr['steps']} steps in {tr['train_seconds']:.0f}s ({tr['train_samples_per_s']:.0f} samples/s)"]
+    parts += [
+        f"{tr['trainable_parameters']:,} trainable",
+        f"{tr['steps']} steps in {tr['train_seconds']:.0f}s ({tr['train_samples_per_s']:.0f} samples/s)",
+    ]
     return f"done: {', '.join(parts)} -> {folder}"
 
 
