@@ -59,36 +59,100 @@ def rows(n: int = 10, labels=("0", "1")) -> str:
 
 GOOD = "text,label\n" + rows()
 DATA_CASES = {
-    "truncated-csv": ("cut.csv", 'text,label\n"hello, world,0\nmore,1\n', [], ["cut.csv could not be parsed as csv", "quoting"]),
+    "truncated-csv": (
+        "cut.csv",
+        'text,label\n"hello, world,0\nmore,1\n',
+        [],
+        ["cut.csv could not be parsed as csv", "quoting"],
+    ),
     "ragged-csv": ("ragged.csv", "text,label\nhello,0\nworld,1,extra\nfoo,0\n", [], ["ragged.csv", "line 3"]),
-    "semicolon-delimiter": ("semi.csv", "text;label\n" + rows().replace(",", ";"), [], ["semi.csv", "semicolon-separated"]),
-    "tab-delimiter-in-csv": ("tabs.csv", "text\tlabel\n" + rows().replace(",", "\t"), [], ["tabs.csv", "tab-separated", ".tsv"]),
-    "latin1-bytes": ("latin1.csv", b"text,label\nok,0\nfine,1\ncaf\xe9,0\n", [], ["latin1.csv is not valid UTF-8", "line 4"]),
+    "semicolon-delimiter": (
+        "semi.csv",
+        "text;label\n" + rows().replace(",", ";"),
+        [],
+        ["semi.csv", "semicolon-separated"],
+    ),
+    "tab-delimiter-in-csv": (
+        "tabs.csv",
+        "text\tlabel\n" + rows().replace(",", "\t"),
+        [],
+        ["tabs.csv", "tab-separated", ".tsv"],
+    ),
+    "latin1-bytes": (
+        "latin1.csv",
+        b"text,label\nok,0\nfine,1\ncaf\xe9,0\n",
+        [],
+        ["latin1.csv is not valid UTF-8", "line 4"],
+    ),
     "utf16": ("utf16.csv", "text,label\na,0\nb,1\n".encode("utf-16"), [], ["utf16.csv is not valid UTF-8", "line 1"]),
     "binary-garbage": ("garbage.csv", bytes(range(256)) * 8, [], ["garbage.csv is not valid UTF-8"]),
     "empty-file": ("empty.csv", b"", [], ["empty.csv is empty"]),
     "blank-lines": ("blank.csv", "\n\n\n", [], ["blank.csv has no columns"]),
     "header-only": ("header.csv", "text,label\n", [], ["header.csv has a header but no rows"]),
-    "all-nan-labels": ("nolabels.csv", "text,label\na,\nb,\nc,\n", [], ["nolabels.csv", "column 'label' has no labels"]),
-    "labels-not-in-label-names": ("names.csv", "text,label\n" + rows(labels=("neg", "pos")) + "x,neutral\n", ["data.label_names=[neg,pos]"],
-                                  ["names.csv", "labels ['neutral'] not in data.label_names"]),
-    "ids-outside-label-names": ("ids.csv", GOOD + "x,7\n", ["data.label_names=[a,b]"], ["ids.csv", "class ids [7] outside 0..1"]),
+    "all-nan-labels": (
+        "nolabels.csv",
+        "text,label\na,\nb,\nc,\n",
+        [],
+        ["nolabels.csv", "column 'label' has no labels"],
+    ),
+    "labels-not-in-label-names": (
+        "names.csv",
+        "text,label\n" + rows(labels=("neg", "pos")) + "x,neutral\n",
+        ["data.label_names=[neg,pos]"],
+        ["names.csv", "labels ['neutral'] not in data.label_names"],
+    ),
+    "ids-outside-label-names": (
+        "ids.csv",
+        GOOD + "x,7\n",
+        ["data.label_names=[a,b]"],
+        ["ids.csv", "class ids [7] outside 0..1"],
+    ),
     "single-class": ("one.csv", "text,label\n" + rows(labels=("spam",)), [], ["one.csv", "single class ('spam')"]),
-    "codes-not-ids": ("years.csv", "text,label\n" + rows(labels=("2019", "2020")), [], ["years.csv", "integers up to 2020", "data.label_names"]),
-    "huge-label-id": ("huge.csv", "text,label\n" + rows(labels=("0", str(10**30))), [], ["huge.csv", "integers up to 1" + "0" * 30]),
-    "missing-text-column": ("cols.csv", "sentence,label\n" + rows(), [], ["cols.csv", "text column(s) ['text'] not found", "['sentence', 'label']"]),
-    "missing-label-column": ("cols.csv", "text,category\n" + rows(), [], ["cols.csv", "label column 'label' not found"]),
+    "codes-not-ids": (
+        "years.csv",
+        "text,label\n" + rows(labels=("2019", "2020")),
+        [],
+        ["years.csv", "integers up to 2020", "data.label_names"],
+    ),
+    "huge-label-id": (
+        "huge.csv",
+        "text,label\n" + rows(labels=("0", str(10**30))),
+        [],
+        ["huge.csv", "integers up to 1" + "0" * 30],
+    ),
+    "missing-text-column": (
+        "cols.csv",
+        "sentence,label\n" + rows(),
+        [],
+        ["cols.csv", "text column(s) ['text'] not found", "['sentence', 'label']"],
+    ),
+    "missing-label-column": (
+        "cols.csv",
+        "text,category\n" + rows(),
+        [],
+        ["cols.csv", "label column 'label' not found"],
+    ),
     "no-text-at-all": ("notext.csv", "text,label\n,0\n  ,1\n", [], ["notext.csv: no usable rows"]),
     "too-few-rows": ("tiny.csv", "text,label\na,0\nb,1\n", [], ["tiny.csv", "too few to hold out data.val_fraction"]),
     "duplicate-label-names": ("dup.csv", GOOD, ["data.label_names=[a,a]"], ["data.label_names has duplicates"]),
     "broken-parquet": ("broken.parquet", b"PAR1" + bytes(range(200)) + b"PAR1", [], ["broken.parquet", "parquet"]),
-    "broken-jsonl": ("broken.jsonl", '{"text": "a", "label": 0}\n{"text": \n', [], ["broken.jsonl could not be parsed as jsonl"]),
+    "broken-jsonl": (
+        "broken.jsonl",
+        '{"text": "a", "label": 0}\n{"text": \n',
+        [],
+        ["broken.jsonl could not be parsed as jsonl"],
+    ),
     "json-scalar": ("scalar.json", "42", [], ["scalar.json", "not found"]),
     "unsupported-suffix": ("data.txt", GOOD, [], ["data.txt has suffix '.txt'"]),
     "missing-file": (None, None, [], ["data.source", "nope.csv not found"]),
     "folder-not-file": ("", None, [], ["is a folder"]),
     "bad-val-source": ("ok.csv", GOOD, ["data.val_source={tmp}/val.csv"], ["data.val_source", "val.csv not found"]),
-    "bad-test-labels": ("ok.csv", GOOD, ["data.test_source={tmp}/ok2.csv"], ["ok2.csv", "labels ['maybe'] not in data.label_names"]),
+    "bad-test-labels": (
+        "ok.csv",
+        GOOD,
+        ["data.test_source={tmp}/ok2.csv"],
+        ["ok2.csv", "labels ['maybe'] not in data.label_names"],
+    ),
 }
 
 
@@ -104,7 +168,11 @@ def test_bad_training_data(case, tmp_path, tiny_bert, capsys, cases_tried):
         path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     (tmp_path / "ok2.csv").write_text(GOOD + "x,maybe\n")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={tiny_bert}", f"data.source={path}", "speed.num_threads=1", *extra))
+    msg = fails_in_one_line(
+        capsys,
+        tmp_path,
+        train_args(tmp_path, f"model.name={tiny_bert}", f"data.source={path}", "speed.num_threads=1", *extra),
+    )
     for part in expected:
         assert part in msg, msg
     cases_tried["training-data"] += 1
@@ -113,13 +181,34 @@ def test_bad_training_data(case, tmp_path, tiny_bert, capsys, cases_tried):
 def test_odd_but_valid_data_trains_and_evaluates(tmp_path, tiny_bert, capsys, cases_tried):
     """BOM, CRLF line ends, a quoted newline, an unused id column with duplicates, an extra column and one 1 MB text."""
     huge = " ".join(["word"] * 200_000)  # 1 MB: truncated to model.max_length tokens
-    lines = ["id,text,extra,label"] + [f"{i // 2},row {i},x,{i % 2}" for i in range(40)] + ['7,"two\nlines",x,0', f"7,{huge},x,1"]
+    lines = (
+        ["id,text,extra,label"]
+        + [f"{i // 2},row {i},x,{i % 2}" for i in range(40)]
+        + ['7,"two\nlines",x,0', f"7,{huge},x,1"]
+    )
     path = tmp_path / "odd.csv"
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
     assert path.stat().st_size > 1_000_000
     out = tmp_path / "run"
-    args = ["train", "--set", f"model.name={tiny_bert}", "--set", f"data.source={path}", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
-            "--set", "data.val_fraction=0.25", "--set", "speed.num_threads=1", "--set", "model.max_length=32", "-o", str(out)]
+    args = [
+        "train",
+        "--set",
+        f"model.name={tiny_bert}",
+        "--set",
+        f"data.source={path}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "data.val_fraction=0.25",
+        "--set",
+        "speed.num_threads=1",
+        "--set",
+        "model.max_length=32",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert main(["eval", str(out), "--data", str(path)]) == 0
     printed = capsys.readouterr().out
@@ -197,7 +286,9 @@ def test_bad_config_file(case, tmp_path, capsys, cases_tried):
 
 
 def test_missing_config_file(tmp_path, capsys, cases_tried):
-    msg = fails_in_one_line(capsys, tmp_path, ["train", "-c", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "runs" / "r")])
+    msg = fails_in_one_line(
+        capsys, tmp_path, ["train", "-c", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "runs" / "r")]
+    )
     assert "nope.yaml not found" in msg
     cases_tried["config-files"] += 1
 
@@ -226,20 +317,40 @@ def test_wrong_type_for_each_key(key, tmp_path, capsys, cases_tried):
 
 
 BAD_VALUES = {
-    "lora.r=0": "greater than 0", "lora.r=-1": "greater than 0", "lora.r=2.5": "integer", "lora.r=abc": "valid integer",
-    "lora.dropout=1": "less than 1", "lora.dropout=1.5": "less than 1", "lora.dropout=-0.1": "greater than or equal to 0",
-    "lora.alpha=0": "greater than 0", "lora.target_modules=(": "not a valid regular expression",
-    "lora.rank_pattern={'[': 4}": "not a valid regular expression", "lora.alpha_pattern={x: -1}": "alphas must be positive",
-    "lora.init=kaiming": "pissa_niter_N", "lora.bias=some": "'none', 'all' or 'lora_only'",
+    "lora.r=0": "greater than 0",
+    "lora.r=-1": "greater than 0",
+    "lora.r=2.5": "integer",
+    "lora.r=abc": "valid integer",
+    "lora.dropout=1": "less than 1",
+    "lora.dropout=1.5": "less than 1",
+    "lora.dropout=-0.1": "greater than or equal to 0",
+    "lora.alpha=0": "greater than 0",
+    "lora.target_modules=(": "not a valid regular expression",
+    "lora.rank_pattern={'[': 4}": "not a valid regular expression",
+    "lora.alpha_pattern={x: -1}": "alphas must be positive",
+    "lora.init=kaiming": "pissa_niter_N",
+    "lora.bias=some": "'none', 'all' or 'lora_only'",
     "train.scheduler=warmup_cosine": "'cosine', 'linear', 'constant' or 'reduce_on_plateau'",
-    "train.lr=0": "greater than 0", "train.lr=.nan": "finite number", "train.lr=.inf": "finite number",
-    "train.batch_size=0": "greater than 0", "train.epochs=-1": "greater than 0", "train.warmup_ratio=1": "less than 1",
-    "eval.every=0": "positive number of steps", "eval.every=never": "'epoch' or a valid integer",
-    "train.precision=fp64": "'auto', 'fp32', 'bf16' or 'fp16'", "eval.early_stopping.metric=acc": "'val_loss'",
-    "checkpoint.every=0": "greater than 0", "checkpoint.keep=0": "greater than 0",
-    "model.max_length=0": "greater than 0", "model.head=mlp": "'default' or 'linear'",
-    "data.val_fraction=0": "greater than 0", "data.text_columns=[]": "at least 1 item", "data.preprocess=[lower]": "'lowercase'",
-    "budget.max_trainable=-5": "greater than 0", "lora.rank=8": "did you mean 'lora.r'?", "trian.lr=1": "did you mean 'train'?",
+    "train.lr=0": "greater than 0",
+    "train.lr=.nan": "finite number",
+    "train.lr=.inf": "finite number",
+    "train.batch_size=0": "greater than 0",
+    "train.epochs=-1": "greater than 0",
+    "train.warmup_ratio=1": "less than 1",
+    "eval.every=0": "positive number of steps",
+    "eval.every=never": "'epoch' or a valid integer",
+    "train.precision=fp64": "'auto', 'fp32', 'bf16' or 'fp16'",
+    "eval.early_stopping.metric=acc": "'val_loss'",
+    "checkpoint.every=0": "greater than 0",
+    "checkpoint.keep=0": "greater than 0",
+    "model.max_length=0": "greater than 0",
+    "model.head=mlp": "'default' or 'linear'",
+    "data.val_fraction=0": "greater than 0",
+    "data.text_columns=[]": "at least 1 item",
+    "data.preprocess=[lower]": "'lowercase'",
+    "budget.max_trainable=-5": "greater than 0",
+    "lora.rank=8": "did you mean 'lora.r'?",
+    "trian.lr=1": "did you mean 'train'?",
 }
 
 
@@ -247,17 +358,23 @@ BAD_VALUES = {
 def test_bad_config_value(item, tmp_path, capsys, cases_tried):
     msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, item))
     key = item.split("=")[0]
-    assert (f"unknown key '{key.split('.')[0]}'" if key.startswith("trian") else key) in msg and BAD_VALUES[item] in msg, msg
+    assert (f"unknown key '{key.split('.')[0]}'" if key.startswith("trian") else key) in msg and BAD_VALUES[
+        item
+    ] in msg, msg
     cases_tried["config-values"] += 1
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--set", "lora.r"], "expected KEY=VALUE"),
-    (["--set", "lora.target_modules=[query"], "not valid YAML"),
-    (["--set", "lora.r.x=1"], "lora.r: got {'x': 1}"),
-    (["--resume"], "expected one argument"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-], ids=["no-equals", "bad-yaml-value", "below-a-value", "resume-without-run", "unknown-flag"])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--set", "lora.r"], "expected KEY=VALUE"),
+        (["--set", "lora.target_modules=[query"], "not valid YAML"),
+        (["--set", "lora.r.x=1"], "lora.r: got {'x': 1}"),
+        (["--resume"], "expected one argument"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+    ids=["no-equals", "bad-yaml-value", "below-a-value", "resume-without-run", "unknown-flag"],
+)
 def test_bad_command_line(argv, expected, tmp_path, capsys, cases_tried):
     try:
         msg = fails_in_one_line(capsys, tmp_path, ["train", *argv, "-o", str(tmp_path / "runs" / "r")])
@@ -295,16 +412,23 @@ def _model_case(tmp_path: Path, tiny_bert: Path, case: str) -> str:
 
 
 MODEL_CASES = {
-    "missing-absolute": "no such folder", "missing-relative": "no such folder", "unknown-builtin": "unknown builtin model",
-    "hub-id-offline": "hub is unreachable", "no-config": "has no config.json", "broken-config": "could not load the config",
-    "no-weights": "could not load the weights", "unknown-architecture": "could not load the config",
+    "missing-absolute": "no such folder",
+    "missing-relative": "no such folder",
+    "unknown-builtin": "unknown builtin model",
+    "hub-id-offline": "hub is unreachable",
+    "no-config": "has no config.json",
+    "broken-config": "could not load the config",
+    "no-weights": "could not load the weights",
+    "unknown-architecture": "could not load the config",
 }
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_bad_model_path(case, tmp_path, tiny_bert, small_csv, capsys, cases_tried):
     name = _model_case(tmp_path, tiny_bert, case)
-    msg = fails_in_one_line(capsys, tmp_path, train_args(tmp_path, f"model.name={name}", f"data.source={small_csv}", "speed.num_threads=1"))
+    msg = fails_in_one_line(
+        capsys, tmp_path, train_args(tmp_path, f"model.name={name}", f"data.source={small_csv}", "speed.num_threads=1")
+    )
     assert f"model.name={name!r}" in msg or repr(name) in msg
     assert MODEL_CASES[case] in msg, msg
     cases_tried["model-paths"] += 1
@@ -318,10 +442,20 @@ SECTION_KEYS = {name: list(ann.model_fields) for name, ann in SECTIONS.items()}
 SECTION_KEYS["train"].append("early_stopping")
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["epoch", "all-linear", "cosine", "fp32", "default", "val_loss", "(", "[a-z]+", "query", "1e-4"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["epoch", "all-linear", "cosine", "fp32", "default", "val_loss", "(", "[a-z]+", "query", "1e-4"]),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), inner, max_size=3)), max_leaves=6)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=6), st.integers()), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 
 
 @st.composite
@@ -332,12 +466,26 @@ def config_dicts(draw):
         if draw(st.integers(0, 9)) == 0:
             out[section] = draw(values)
             continue
-        keys = draw(st.lists(st.sampled_from(SECTION_KEYS.get(section, ["lr"]) + ["rank", "learning_rate", "zz"]), max_size=6, unique=True))
+        keys = draw(
+            st.lists(
+                st.sampled_from(SECTION_KEYS.get(section, ["lr"]) + ["rank", "learning_rate", "zz"]),
+                max_size=6,
+                unique=True,
+            )
+        )
         out[section] = {}
         for key in keys:
             default = getattr(getattr(Config(), section), key, None) if section in SECTIONS else None
-            plausible = st.just(default) if not hasattr(default, "model_dump") else st.fixed_dictionaries({}, optional={"patience": st.integers(-2, 5), "metric": st.sampled_from(["val_loss", "acc"])})
-            out[section][key] = draw(st.one_of(plausible, plausible, plausible, values))  # mostly sensible: some configs pass
+            plausible = (
+                st.just(default)
+                if not hasattr(default, "model_dump")
+                else st.fixed_dictionaries(
+                    {}, optional={"patience": st.integers(-2, 5), "metric": st.sampled_from(["val_loss", "acc"])}
+                )
+            )
+            out[section][key] = draw(
+                st.one_of(plausible, plausible, plausible, values)
+            )  # mostly sensible: some configs pass
     return out
 
 
@@ -366,8 +514,17 @@ def test_generated_set_values_are_valid_or_lorafit_errors(key, raw, cases_tried)
 
 
 plain = st.text(st.characters(blacklist_characters=',"\r\n', blacklist_categories=("Cs",)), max_size=8)
-texts = st.one_of(plain, plain, plain, st.text(max_size=8), st.sampled_from(["hello world", "", " ", '"quoted, comma"', '"open', "a,b", "\u00e9t\u00e9", "\x00"]))
-labels = st.one_of(st.sampled_from(["0", "1", "2", "a", "b", "", "nan", "-1", "1.5", "inf", "1e400", "99999999999999999999", "2020"]), st.text(max_size=4))
+texts = st.one_of(
+    plain,
+    plain,
+    plain,
+    st.text(max_size=8),
+    st.sampled_from(["hello world", "", " ", '"quoted, comma"', '"open', "a,b", "\u00e9t\u00e9", "\x00"]),
+)
+labels = st.one_of(
+    st.sampled_from(["0", "1", "2", "a", "b", "", "nan", "-1", "1.5", "inf", "1e400", "99999999999999999999", "2020"]),
+    st.text(max_size=4),
+)
 
 
 @st.composite
@@ -386,7 +543,9 @@ def csv_bytes(draw):
     return data
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(data=csv_bytes())
 def test_generated_csv_files_load_or_fail_with_lorafit_errors(data, tmp_path, cases_tried):
     cases_tried["generated-csv-files"] += 1

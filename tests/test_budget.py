@@ -50,10 +50,14 @@ VARIANTS = {
     "all_linear-bias_lora_only": dict(target_modules="all-linear", bias="lora_only"),
     "regex-qv": dict(target_modules=r".*\.(Q|V)"),
     "regex-upper_qkvd-dora": dict(target_modules=r".*\.[23]\..*\.(Q|K|V|D)", use_dora=True),
-    "rank_alpha_pattern-qv": dict(target_modules=["Q", "V"], r=4, alpha=8, rank_pattern={UPPER: 8}, alpha_pattern={UPPER: 32}),
+    "rank_alpha_pattern-qv": dict(
+        target_modules=["Q", "V"], r=4, alpha=8, rank_pattern={UPPER: 8}, alpha_pattern={UPPER: 32}
+    ),
     "rank_pattern-all_linear-dora": dict(target_modules="all-linear", r=2, rank_pattern={UPPER: 6}, use_dora=True),
     "layers_to_transform-qkvd": dict(target_modules=["Q", "K", "V", "D"], layers_to_transform=[2, 3]),
-    "layers_to_transform-qv-dora-bias_lora_only": dict(target_modules=["Q", "V"], layers_to_transform=[3], use_dora=True, bias="lora_only"),
+    "layers_to_transform-qv-dora-bias_lora_only": dict(
+        target_modules=["Q", "V"], layers_to_transform=[3], use_dora=True, bias="lora_only"
+    ),
 }
 
 
@@ -65,7 +69,9 @@ def tiny_classifier(model_type: str, num_labels: int, head: str = "default", lay
     if model_type == "distilbert":
         mc = AutoConfig.for_model("distilbert", dim=32, hidden_dim=64, n_layers=layers, n_heads=2, **common)
     else:
-        mc = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, **common)
+        mc = AutoConfig.for_model(
+            model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2, **common
+        )
     torch.manual_seed(0)
     return models.apply_head(AutoModelForSequenceClassification.from_config(mc), head)
 
@@ -118,7 +124,11 @@ def assert_budget_matches(model_type: str, head: str, lora: dict, num_labels: in
     wrapped = models.wrap(model, cfg)
     assert budget.count_trainable(wrapped) == computed.total
     assert trained_parts(wrapped) == computed.parts
-    adapted = {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and "modules_to_save" not in n}
+    adapted = {
+        n.removeprefix("base_model.model.")
+        for n, m in wrapped.named_modules()
+        if hasattr(m, "lora_A") and "modules_to_save" not in n
+    }
     assert sum(e["modules"] for e in computed.per_module.values()) == len(adapted)
     return computed
 
@@ -155,12 +165,16 @@ def test_rank_pattern_gives_upper_layers_higher_rank(model_type):
     assert computed.total > plain.total
 
     wrapped = models.wrap(model, cfg)
-    ranks = {n: m.r["default"] for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and "modules_to_save" not in n}
+    ranks = {
+        n: m.r["default"] for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and "modules_to_save" not in n
+    }
     assert len(ranks) == 2 * LAYERS
     for name, r in ranks.items():
         upper = any(f".{i}." in name for i in (2, 3))
         assert r == (8 if upper else 4), name
-    scalings = {n: m.scaling["default"] for n, m in wrapped.named_modules() if hasattr(m, "scaling") and hasattr(m, "lora_A")}
+    scalings = {
+        n: m.scaling["default"] for n, m in wrapped.named_modules() if hasattr(m, "scaling") and hasattr(m, "lora_A")
+    }
     assert {round(s, 6) for s in scalings.values()} == {2.0, 4.0}  # 8/4 below, 32/8 above
 
 
@@ -192,15 +206,24 @@ def test_linear_head_is_smaller_for_roberta_and_distilbert():
         linear = budget.compute(make_config(mt, "linear", lora), 4, model=tiny_classifier(mt, 4, "linear"))
         assert linear.parts["head"] == 32 * 4 + 4
         assert default.parts["head"] == 32 * 32 + 32 + 32 * 4 + 4
-    bert = budget.compute(make_config("bert", "linear", dict(target_modules=["Q", "V"])), 4, model=tiny_classifier("bert", 4, "linear"))
+    bert = budget.compute(
+        make_config("bert", "linear", dict(target_modules=["Q", "V"])), 4, model=tiny_classifier("bert", 4, "linear")
+    )
     assert bert.parts["head"] == 32 * 4 + 4
 
 
 def test_reference_roberta_base_dora_rslora():
-    cfg = load_config(None, [
-        "model.name=roberta-base", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]",
-        "lora.use_dora=true", "lora.use_rslora=true",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.name=roberta-base",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.target_modules=[query,value]",
+            "lora.use_dora=true",
+            "lora.use_rslora=true",
+        ],
+    )
     b = budget.compute(cfg, 4)  # no model: built on the meta device from the shipped roberta-base config
     assert b.total == 759_556
     assert b.parts == {"lora_A": 73_728, "lora_B": 73_728, "dora_magnitude": 18_432, "head": 593_668, "bias": 0}
@@ -220,9 +243,23 @@ def test_over_budget_raises():
 def test_cli_budget_over_limit_exits_3_with_one_line_error(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafit", "budget", "--set", "model.name=roberta-base", "--set", "lora.r=64",
-         "--set", "lora.target_modules=[query,key,value,dense]"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "budget",
+            "--set",
+            "model.name=roberta-base",
+            "--set",
+            "lora.r=64",
+            "--set",
+            "lora.target_modules=[query,key,value,dense]",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
     for part in ("lora_A", "lora_B", "dora_magnitude", "head", "bias", "total", "OVER BUDGET"):

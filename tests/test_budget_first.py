@@ -33,7 +33,9 @@ def test_over_budget_stops_before_reading_data(tiny_bert, small_csv, tmp_path, d
 
 def test_over_budget_on_the_builtin_data_stops_before_reading_it(tiny_bert, tmp_path, data_must_not_be_read, capsys):
     """The builtin AG News sample's 4 classes are known without reading it; the CLI exits 3."""
-    code = main(["train", "--set", f"model.name={tiny_bert}", "--set", "budget.max_trainable=1000", "-o", str(tmp_path / "run")])
+    code = main(
+        ["train", "--set", f"model.name={tiny_bert}", "--set", "budget.max_trainable=1000", "-o", str(tmp_path / "run")]
+    )
     assert code == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("lorafit: error:") and "exceed budget.max_trainable=1,000" in err and "\n" not in err

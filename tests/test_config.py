@@ -51,7 +51,9 @@ def test_default_config_without_file():
 
 
 def test_yaml_file_loads_into_typed_sections(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 model:
   name: some/model
   max_length: 64
@@ -70,7 +72,8 @@ train:
     metric: val_macro_f1
 budget:
   max_trainable: 1e6
-""")
+""",
+    )
     cfg = load_config(path)
     assert cfg.model.name == "some/model" and cfg.model.max_length == 64
     assert cfg.data.text_columns == ["title", "description"] and cfg.data.label_names == ["neg", "pos"]
@@ -88,7 +91,17 @@ def test_empty_yaml_file_is_the_default(tmp_path):
 
 
 def test_set_values_are_parsed_as_yaml():
-    cfg = load_config(None, ["lora.target_modules=[query,value]", "train.lr=1e-4", "lora.r=8", "lora.use_dora=true", "data.label_names=null", "eval.every=epoch"])
+    cfg = load_config(
+        None,
+        [
+            "lora.target_modules=[query,value]",
+            "train.lr=1e-4",
+            "lora.r=8",
+            "lora.use_dora=true",
+            "data.label_names=null",
+            "eval.every=epoch",
+        ],
+    )
     assert cfg.lora.target_modules == ["query", "value"]
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-4)
     assert cfg.lora.r == 8 and isinstance(cfg.lora.r, int)
@@ -96,18 +109,25 @@ def test_set_values_are_parsed_as_yaml():
     assert cfg.data.label_names is None and cfg.eval.every == "epoch"
 
 
-@pytest.mark.parametrize("item, key, value", [
-    ("lora.r=8", ["lora", "r"], 8),
-    ("train.lr=1e-4", ["train", "lr"], 1e-4),  # PyYAML alone would give the string '1e-4'
-    ("budget.max_trainable=1e6", ["budget", "max_trainable"], 1e6),
-    ("train.lr=0.5", ["train", "lr"], 0.5),
-    ("lora.target_modules=[query,value]", ["lora", "target_modules"], ["query", "value"]),
-    ("lora.target_modules=query", ["lora", "target_modules"], "query"),
-    ("data.source=a=b.csv", ["data", "source"], "a=b.csv"),  # only the first '=' splits
-    ("lora.r=", ["lora", "r"], None),
-    ("eval.early_stopping.metric=val_loss", ["eval", "early_stopping", "metric"], "val_loss"),
-    ("train.early_stopping.metric=val_loss", ["eval", "early_stopping", "metric"], "val_loss"),  # its name before the config sections split
-])
+@pytest.mark.parametrize(
+    "item, key, value",
+    [
+        ("lora.r=8", ["lora", "r"], 8),
+        ("train.lr=1e-4", ["train", "lr"], 1e-4),  # PyYAML alone would give the string '1e-4'
+        ("budget.max_trainable=1e6", ["budget", "max_trainable"], 1e6),
+        ("train.lr=0.5", ["train", "lr"], 0.5),
+        ("lora.target_modules=[query,value]", ["lora", "target_modules"], ["query", "value"]),
+        ("lora.target_modules=query", ["lora", "target_modules"], "query"),
+        ("data.source=a=b.csv", ["data", "source"], "a=b.csv"),  # only the first '=' splits
+        ("lora.r=", ["lora", "r"], None),
+        ("eval.early_stopping.metric=val_loss", ["eval", "early_stopping", "metric"], "val_loss"),
+        (
+            "train.early_stopping.metric=val_loss",
+            ["eval", "early_stopping", "metric"],
+            "val_loss",
+        ),  # its name before the config sections split
+    ],
+)
 def test_parse_override(item, key, value):
     k, v = parse_override(item)
     assert k == key and v == value and type(v) is type(value)
@@ -138,18 +158,21 @@ def test_set_below_a_value_is_an_error(tmp_path):
 # Unknown keys
 
 
-@pytest.mark.parametrize("item, key, near", [
-    ("lora.rank=8", "lora.rank", "lora.r"),
-    ("train.learning_rate=1e-4", "train.learning_rate", "train.lr"),
-    ("trian.lr=1e-4", "trian", "train"),
-    ("lora.lr=1e-4", "lora.lr", "train.lr"),  # a key of another section
-    ("r=8", "r", "lora.r"),
-    ("lora.dropuot=0.1", "lora.dropuot", "lora.dropout"),
-    ("train.early_stoping.metric=val_loss", "train.early_stoping", "eval.early_stopping"),
-    ("eval.early_stopping.patiance=2", "eval.early_stopping.patiance", "eval.early_stopping.patience"),
-    ("data.text_column=[a]", "data.text_column", "data.text_columns"),
-    ("model.model_name=x", "model.model_name", "model.name"),
-])
+@pytest.mark.parametrize(
+    "item, key, near",
+    [
+        ("lora.rank=8", "lora.rank", "lora.r"),
+        ("train.learning_rate=1e-4", "train.learning_rate", "train.lr"),
+        ("trian.lr=1e-4", "trian", "train"),
+        ("lora.lr=1e-4", "lora.lr", "train.lr"),  # a key of another section
+        ("r=8", "r", "lora.r"),
+        ("lora.dropuot=0.1", "lora.dropuot", "lora.dropout"),
+        ("train.early_stoping.metric=val_loss", "train.early_stoping", "eval.early_stopping"),
+        ("eval.early_stopping.patiance=2", "eval.early_stopping.patiance", "eval.early_stopping.patience"),
+        ("data.text_column=[a]", "data.text_column", "data.text_columns"),
+        ("model.model_name=x", "model.model_name", "model.name"),
+    ],
+)
 def test_unknown_key_names_it_and_the_nearest_valid_key(item, key, near):
     msg = error_of([item])
     assert f"unknown key '{key}'" in msg
@@ -175,22 +198,25 @@ def test_unknown_key_in_a_yaml_file(tmp_path):
 # Wrong types and values
 
 
-@pytest.mark.parametrize("item, field, shown, expected", [
-    ("lora.r=abc", "lora.r", "'abc'", "valid integer"),
-    ("lora.r=0", "lora.r", "0", "greater than 0"),
-    ("lora.r=-4", "lora.r", "-4", "greater than 0"),
-    ("lora.r=2.5", "lora.r", "2.5", "integer"),
-    ("train.lr=-1", "train.lr", "-1", "greater than 0"),
-    ("train.lr=fast", "train.lr", "'fast'", "valid number"),
-    ("lora.dropout=1.5", "lora.dropout", "1.5", "less than 1"),
-    ("train.scheduler=foo", "train.scheduler", "'foo'", "'cosine', 'linear', 'constant' or 'reduce_on_plateau'"),
-    ("lora.init=bar", "lora.init", "'bar'", "pissa_niter_N"),
-    ("data.preprocess=[lower]", "data.preprocess.0", "'lower'", "'lowercase'"),
-    ("data.val_fraction=1", "data.val_fraction", "1", "less than 1"),
-    ("data.text_columns=[]", "data.text_columns", "[]", "at least 1 item"),
-    ("eval.every=0", "eval.every", "0", "positive number of steps"),
-    ("lora.rank_pattern={'x': 0}", "lora.rank_pattern", "{'x': 0}", "ranks must be positive"),
-])
+@pytest.mark.parametrize(
+    "item, field, shown, expected",
+    [
+        ("lora.r=abc", "lora.r", "'abc'", "valid integer"),
+        ("lora.r=0", "lora.r", "0", "greater than 0"),
+        ("lora.r=-4", "lora.r", "-4", "greater than 0"),
+        ("lora.r=2.5", "lora.r", "2.5", "integer"),
+        ("train.lr=-1", "train.lr", "-1", "greater than 0"),
+        ("train.lr=fast", "train.lr", "'fast'", "valid number"),
+        ("lora.dropout=1.5", "lora.dropout", "1.5", "less than 1"),
+        ("train.scheduler=foo", "train.scheduler", "'foo'", "'cosine', 'linear', 'constant' or 'reduce_on_plateau'"),
+        ("lora.init=bar", "lora.init", "'bar'", "pissa_niter_N"),
+        ("data.preprocess=[lower]", "data.preprocess.0", "'lower'", "'lowercase'"),
+        ("data.val_fraction=1", "data.val_fraction", "1", "less than 1"),
+        ("data.text_columns=[]", "data.text_columns", "[]", "at least 1 item"),
+        ("eval.every=0", "eval.every", "0", "positive number of steps"),
+        ("lora.rank_pattern={'x': 0}", "lora.rank_pattern", "{'x': 0}", "ranks must be positive"),
+    ],
+)
 def test_wrong_value_names_the_field_and_the_value(item, field, shown, expected):
     msg = error_of([item])
     assert "1 problem(s)" in msg
@@ -199,10 +225,13 @@ def test_wrong_value_names_the_field_and_the_value(item, field, shown, expected)
     assert "`lorafit keys`" in msg
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("lora.target_modules=5", "lora.target_modules: got 5: Input should be a valid list or a valid string"),
-    ("eval.every=foo", "eval.every: got 'foo': Input should be 'epoch' or a valid integer"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("lora.target_modules=5", "lora.target_modules: got 5: Input should be a valid list or a valid string"),
+        ("eval.every=foo", "eval.every: got 'foo': Input should be 'epoch' or a valid integer"),
+    ],
+)
 def test_union_fields_give_one_message_without_pydantic_internals(item, expected):
     msg = error_of([item])
     assert "1 problem(s)" in msg and expected in msg
@@ -225,8 +254,13 @@ def test_all_problems_are_reported_in_one_message(tmp_path):
     path = write(tmp_path, "lora:\n  r: abc\n  dropout: 1.5\ntrain:\n  learning_rate: 0.1\n")
     msg = error_of(["train.scheduler=foo", "trian.lr=1"], path)
     assert msg.startswith(f"{path} with --set overrides: 5 problem(s): ")
-    for part in ("lora.r: got 'abc'", "lora.dropout: got 1.5", "unknown key 'train.learning_rate' (did you mean 'train.lr'?)",
-                 "train.scheduler: got 'foo'", "unknown key 'trian' (did you mean 'train'?)"):
+    for part in (
+        "lora.r: got 'abc'",
+        "lora.dropout: got 1.5",
+        "unknown key 'train.learning_rate' (did you mean 'train.lr'?)",
+        "train.scheduler: got 'foo'",
+        "unknown key 'trian' (did you mean 'train'?)",
+    ):
         assert part in msg
     assert msg.count(";") >= 4
 
@@ -235,13 +269,16 @@ def test_all_problems_are_reported_in_one_message(tmp_path):
 # YAML files
 
 
-@pytest.mark.parametrize("text, line", [
-    ("lora:\n  r: 8\n bad: 1\n", 3),  # wrong indentation
-    ("lora:\n\tr: 8\n", 2),  # a tab
-    ("train:\n  lr: 0.1\nlora: {r: 8\n", 4),  # unclosed flow mapping
-    ("model:\n  name: a: b\n", 2),
-    ("train:\n  scheduler: 'cosine\n", 3),  # unclosed quote
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("lora:\n  r: 8\n bad: 1\n", 3),  # wrong indentation
+        ("lora:\n\tr: 8\n", 2),  # a tab
+        ("train:\n  lr: 0.1\nlora: {r: 8\n", 4),  # unclosed flow mapping
+        ("model:\n  name: a: b\n", 2),
+        ("train:\n  scheduler: 'cosine\n", 3),  # unclosed quote
+    ],
+)
 def test_yaml_syntax_error_names_the_line(tmp_path, text, line):
     path = write(tmp_path, text)
     msg = error_of(path=path)
@@ -266,7 +303,9 @@ def test_config_file_that_is_not_utf8(tmp_path):
 
 def shipped_configs() -> list:
     files = sorted({*CONFIGS.rglob("*.yaml"), *CONFIGS.rglob("*.yml")}) if CONFIGS.is_dir() else []
-    return [pytest.param(f, id=str(f.relative_to(CONFIGS))) for f in files] or [pytest.param(None, marks=pytest.mark.skip(reason="no YAML under configs/ yet"))]
+    return [pytest.param(f, id=str(f.relative_to(CONFIGS))) for f in files] or [
+        pytest.param(None, marks=pytest.mark.skip(reason="no YAML under configs/ yet"))
+    ]
 
 
 @pytest.mark.parametrize("path", shipped_configs())
@@ -282,8 +321,18 @@ def test_default_config_round_trips(tmp_path):
 
 
 def test_custom_config_round_trips(tmp_path):
-    cfg = load_config(None, ["lora.target_modules=[query,value]", "lora.rank_pattern={'layer\\.1\\..*': 4}", "train.lr=1e-4",
-                             "eval.every=10", "data.label_names=[a, b]", "train.max_grad_norm=null", "lora.layers_to_transform=[0]"])
+    cfg = load_config(
+        None,
+        [
+            "lora.target_modules=[query,value]",
+            "lora.rank_pattern={'layer\\.1\\..*': 4}",
+            "train.lr=1e-4",
+            "eval.every=10",
+            "data.label_names=[a, b]",
+            "train.max_grad_norm=null",
+            "lora.layers_to_transform=[0]",
+        ],
+    )
     path = tmp_path / "config.yaml"
     save_config(cfg, path)
     assert validate(read_yaml(path), str(path)) == cfg

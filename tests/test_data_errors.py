@@ -99,11 +99,14 @@ def test_truncated_csv(tmp_path):
     assert "cut.csv could not be parsed as csv" in msg and "check quoting" in msg
 
 
-@pytest.mark.parametrize("name, data", [
-    ("latin1.csv", "text,label\ncaf\xe9,0\nthé,1\n".encode("latin-1")),
-    ("latin1.jsonl", '{"text": "caf\xe9", "label": 0}\n'.encode("latin-1")),
-    ("utf16.csv", "text,label\na,0\n".encode("utf-16")),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("latin1.csv", "text,label\ncaf\xe9,0\nthé,1\n".encode("latin-1")),
+        ("latin1.jsonl", '{"text": "caf\xe9", "label": 0}\n'.encode("latin-1")),
+        ("utf16.csv", "text,label\na,0\n".encode("utf-16")),
+    ],
+)
 def test_not_utf8(tmp_path, name, data):
     msg = error_of(write_bytes(tmp_path, name, data))
     assert f"{name} is not valid UTF-8" in msg and "re-save it as UTF-8" in msg
@@ -149,7 +152,11 @@ def test_tsv_jsonl_json_and_parquet_work(tmp_path):
 
 
 def test_several_text_columns_are_joined_with_a_space(tmp_path):
-    path = write_csv(tmp_path, "two.csv", "title,body,label\n" + "".join(f"T{i},B{i},{i % 2}\n" for i in range(19)) + ",only body,1\n")
+    path = write_csv(
+        tmp_path,
+        "two.csv",
+        "title,body,label\n" + "".join(f"T{i},B{i},{i % 2}\n" for i in range(19)) + ",only body,1\n",
+    )
     data = load(path, text_columns=["title", "body"])
     texts = set(data.train.texts + data.val.texts)
     assert "T0 B0" in texts and "T7 B7" in texts
@@ -161,7 +168,9 @@ def test_string_labels_become_sorted_names(tmp_path):
     path = write_csv(tmp_path, "animals.csv", "text,label\n" + "".join(f"t{i},{animals[i % 3]}\n" for i in range(30)))
     data = load(path)
     assert data.label_names == ["bird", "cat", "dog"]
-    for t, y in zip(data.train.texts + data.val.texts, data.train.labels.tolist() + data.val.labels.tolist()):
+    for t, y in zip(
+        data.train.texts + data.val.texts, data.train.labels.tolist() + data.val.labels.tolist(), strict=True
+    ):
         assert data.label_names[y] == animals[int(t[1:]) % 3]
 
 
@@ -175,16 +184,18 @@ def test_label_names_from_the_config_give_the_id_order(tmp_path):
     path = write_csv(tmp_path, "pn.csv", "text,label\n" + "".join(f"t{i},{['pos', 'neg'][i % 2]}\n" for i in range(20)))
     data = load(path, label_names=["pos", "neg"])
     assert data.label_names == ["pos", "neg"]
-    for t, y in zip(data.train.texts, data.train.labels):
+    for t, y in zip(data.train.texts, data.train.labels, strict=True):
         assert y == int(t[1:]) % 2
 
 
 def test_empty_and_nan_texts_are_dropped_with_a_note(tmp_path):
-    body = "".join(f"row {i},{i % 2}\n" for i in range(17)) + ",0\n   ,1\n\"\",1\n"
+    body = "".join(f"row {i},{i % 2}\n" for i in range(17)) + ',0\n   ,1\n"",1\n'
     data = load(write_csv(tmp_path, "gaps.csv", "text,label\n" + body))
     assert len(data.train) + len(data.val) == 17
     assert "" not in data.train.texts + data.val.texts
-    assert any("gaps.csv: dropped 3 of 20 rows with empty or missing text" in n for n in data.train.notes), data.train.notes
+    assert any("gaps.csv: dropped 3 of 20 rows with empty or missing text" in n for n in data.train.notes), (
+        data.train.notes
+    )
 
 
 def test_rows_without_a_label_are_dropped_with_a_note(tmp_path):
@@ -222,7 +233,9 @@ def test_fractional_number_labels_are_refused(tmp_path, suffix):
     path = tmp_path / f"frac{suffix}"
     df.to_csv(path, index=False) if suffix == ".csv" else df.to_parquet(path)
     msg = error_of(path)
-    assert "column 'label' holds numbers that are not integers (20 rows, e.g. 0.5)" in msg and "data.label_column" in msg
+    assert (
+        "column 'label' holds numbers that are not integers (20 rows, e.g. 0.5)" in msg and "data.label_column" in msg
+    )
 
 
 def test_integral_float_labels_are_still_class_ids(tmp_path):
@@ -233,14 +246,20 @@ def test_integral_float_labels_are_still_class_ids(tmp_path):
 
 
 def test_integer_labels_outside_label_names(tmp_path):
-    path = write_csv(tmp_path, "ids.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)) + "x,5\ny,7\nz,5\n")
+    path = write_csv(
+        tmp_path, "ids.csv", "text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)) + "x,5\ny,7\nz,5\n"
+    )
     msg = error_of(path, label_names=["neg", "pos"])
     assert "ids.csv: 3 row(s) of column 'label' have class ids [5, 7] outside 0..1" in msg
     assert "['neg', 'pos']" in msg and "fix the labels or data.label_names" in msg
 
 
 def test_string_labels_not_in_label_names(tmp_path):
-    path = write_csv(tmp_path, "names.csv", "text,label\n" + "".join(f"t{i},{['neg', 'pos'][i % 2]}\n" for i in range(10)) + "x,neutral\ny,Pos\n")
+    path = write_csv(
+        tmp_path,
+        "names.csv",
+        "text,label\n" + "".join(f"t{i},{['neg', 'pos'][i % 2]}\n" for i in range(10)) + "x,neutral\ny,Pos\n",
+    )
     msg = error_of(path, label_names=["neg", "pos"])
     assert "2 row(s) of column 'label' have labels ['Pos', 'neutral'] not in data.label_names ['neg', 'pos']" in msg
 
@@ -281,8 +300,8 @@ def test_too_few_rows_for_a_validation_split(tmp_path):
 def test_validation_split_is_stratified_disjoint_and_seeded(tmp_path):
     path = rows_csv(tmp_path, n_per_class=40, labels=("a", "b", "c", "d"))  # 160 distinct rows
     data = load(path, val_fraction=0.25)
-    train = list(zip(data.train.texts, data.train.labels.tolist()))
-    val = list(zip(data.val.texts, data.val.labels.tolist()))
+    train = list(zip(data.train.texts, data.train.labels.tolist(), strict=True))
+    val = list(zip(data.val.texts, data.val.labels.tolist(), strict=True))
     assert len(val) == 40 and len(train) == 120
     assert not set(data.train.texts) & set(data.val.texts)
     assert sorted(data.train.texts + data.val.texts) == sorted(f"row {lab} {i}" for lab in "abcd" for i in range(40))
@@ -317,8 +336,14 @@ def run_train(tmp_path: Path, source: str, *extra: str) -> subprocess.CompletedP
     parent.mkdir()
     out = parent / "r1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "lorafit", "train", "--set", f"data.source={source}", *extra, "-o", str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", "--set", f"data.source={source}", *extra, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

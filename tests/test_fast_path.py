@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorafit.config import load_config
 from lorafit.batching import encode, eval_batches, predict_logits, train_batches
+from lorafit.config import load_config
 from lorafit.fast.device import cpu_has_bf16, resolve_precision, store_frozen_in
 from lorafit.inference.loaded import load_run
 from lorafit.training.recipe import run
@@ -25,9 +25,9 @@ def test_train_batches_cover_every_row_once_and_group_lengths():
     assert padded < 0.75 * shuffled  # grouping removes most of the padding
     # a pure function of (seed, epoch): resumable; epochs differ
     again = train_batches(lengths, 32, seed=1, epoch=0, group_by_length=True)
-    assert all((a == b).all() for a, b in zip(batches, again))
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))
     other = train_batches(lengths, 32, seed=1, epoch=1, group_by_length=True)
-    assert any(not np.array_equal(a, b) for a, b in zip(batches, other))
+    assert any(not np.array_equal(a, b) for a, b in zip(batches, other, strict=True))
 
 
 def test_collate_pads_each_row_to_the_longest_on_the_right():
@@ -40,7 +40,11 @@ def test_collate_pads_each_row_to_the_longest_on_the_right():
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
     # rounded up to a multiple (speed.pad_to_multiple_of): extra padding, and none when the width is already one
     wide = collate(enc, np.array([2, 0, 1]), pad_id=0, device=torch.device("cpu"), multiple=4)
-    assert wide["input_ids"].tolist() == [[9, 10, 11, 12, 13, 0, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    assert wide["input_ids"].tolist() == [
+        [9, 10, 11, 12, 13, 0, 0, 0],
+        [5, 6, 7, 0, 0, 0, 0, 0],
+        [8, 0, 0, 0, 0, 0, 0, 0],
+    ]
     assert wide["attention_mask"].sum(1).tolist() == [5, 3, 1]
     assert collate(enc, np.array([0, 1]), pad_id=0, device=torch.device("cpu"), multiple=3)["input_ids"].shape == (2, 3)
 
@@ -53,7 +57,12 @@ def test_padding_to_a_multiple_leaves_the_logits_unchanged(tiny_bert, small_csv,
 
     cfg = _tiny(tiny_bert, small_csv, "train.precision=fp32")
     model = wrap(build_model(cfg, 4), cfg).eval()
-    enc = encode(AutoTokenizer.from_pretrained(tiny_bert), ["a short one", "a somewhat longer text about markets and games"], np.zeros(2, dtype=np.int64), 32)
+    enc = encode(
+        AutoTokenizer.from_pretrained(tiny_bert),
+        ["a short one", "a somewhat longer text about markets and games"],
+        np.zeros(2, dtype=np.int64),
+        32,
+    )
     with torch.no_grad():
         a = model(**collate(enc, np.arange(2), 0, torch.device("cpu"))).logits
         b = model(**collate(enc, np.arange(2), 0, torch.device("cpu"), multiple=16)).logits
@@ -73,17 +82,32 @@ def test_auto_precision_follows_the_hardware():
 
 
 def _tiny(tiny_bert, small_csv, *extra):
-    return load_config(None, [
-        f"model.name={tiny_bert}", f"data.source={small_csv}", f"data.test_source={small_csv}", "model.max_length=32",
-        "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "lora.use_dora=true", "lora.dropout=0.2",
-        "train.batch_size=16", "train.max_steps=12", "eval.every=6", "train.lr=5e-3", "data.val_fraction=0.2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_bert}",
+            f"data.source={small_csv}",
+            f"data.test_source={small_csv}",
+            "model.max_length=32",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.target_modules=[query,value]",
+            "lora.use_dora=true",
+            "lora.dropout=0.2",
+            "train.batch_size=16",
+            "train.max_steps=12",
+            "eval.every=6",
+            "train.lr=5e-3",
+            "data.val_fraction=0.2",
+            *extra,
+        ],
+    )
 
 
 def test_bf16_training_stays_finite_and_close_to_fp32(tiny_bert, small_csv, tmp_path):
     fp32 = run(_tiny(tiny_bert, small_csv, "train.precision=fp32"), tmp_path / "fp32")
     bf16 = run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "bf16")
-    for h32, h16 in zip(fp32.history, bf16.history):
+    for h32, h16 in zip(fp32.history, bf16.history, strict=True):
         assert math.isfinite(h16["train_loss"]) and math.isfinite(h16["val_loss"])
         assert abs(h32["val_loss"] - h16["val_loss"]) < 0.05
     assert abs(fp32.metrics["test"]["accuracy"] - bf16.metrics["test"]["accuracy"]) <= 0.05
@@ -115,7 +139,10 @@ def test_store_frozen_in_skips_peft_input_casts(tiny_bert, small_csv):
     assert flags and not any(flags)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the GPU path (bf16 on CUDA) runs only where one is present")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA GPU on this machine: the GPU path (bf16 on CUDA) runs only where one is present",
+)
 def test_cuda_path_trains_in_bf16(tiny_bert, small_csv, tmp_path):
     res = run(_tiny(tiny_bert, small_csv, "train.precision=auto"), tmp_path / "gpu")
     assert res.metrics["training"]["device"] == "cuda"
@@ -129,7 +156,6 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model
     logits (texts of different lengths, so padding and masks are involved) and every adapter gradient must equal
     the full forward's; architectures it does not know (DistilBERT) keep their full forward."""
     from conftest import make_tiny_model
-
     from lorafit.batching import collate
     from lorafit.fast.patches import first_token_last_layer
     from lorafit.models import build_model, wrap
@@ -149,7 +175,9 @@ def test_first_token_last_layer_gives_the_full_models_logits_and_gradients(model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    batch = collate(encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu"))
+    batch = collate(
+        encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu")
+    )
 
     def logits_and_grads():
         model.zero_grad(set_to_none=True)
@@ -206,11 +234,15 @@ def test_lorafit_attention_is_sdpa_when_nothing_is_dropped():
     pad = torch.ones(b, t, dtype=torch.long)
     pad[0, 4:] = 0
     pad[2, 2:] = 0
-    mask = pad.bool()[:, None, None, :].expand(b, 1, t, t)  # what transformers' sdpa_mask gives an encoder: True = attend
+    mask = pad.bool()[:, None, None, :].expand(
+        b, 1, t, t
+    )  # what transformers' sdpa_mask gives an encoder: True = attend
     module = torch.nn.Module()
     module.is_causal = False
-    want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=d ** -0.5)
-    got, _ = lorafit_attention(module, q, k, v, mask, dropout=1e-9, scaling=d ** -0.5)  # takes the dropout path, drops nothing
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=d**-0.5)
+    got, _ = lorafit_attention(
+        module, q, k, v, mask, dropout=1e-9, scaling=d**-0.5
+    )  # takes the dropout path, drops nothing
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -223,7 +255,9 @@ def test_fast_path_switches_apply_to_the_model(tiny_bert, small_csv):
     assert not any(type(m) is torch.nn.Dropout for m in s.model.modules())
     assert any(isinstance(m, FastDropout) for m in s.model.modules())
     off = setup(_tiny(tiny_bert, small_csv, "speed.fast_dropout=false", "speed.fast_attention=false"))
-    assert off.model.config._attn_implementation == "sdpa" and not any(isinstance(m, FastDropout) for m in off.model.modules())
+    assert off.model.config._attn_implementation == "sdpa" and not any(
+        isinstance(m, FastDropout) for m in off.model.modules()
+    )
 
 
 @pytest.mark.parametrize("lora_dropout", [0.0, 0.5])
@@ -236,7 +270,9 @@ def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropou
     from lorafit.fast.patches import use_fast_dora
     from lorafit.models import build_model, load_tokenizer, wrap
 
-    cfg = _tiny(tiny_bert, small_csv, f"lora.dropout={lora_dropout}", "lora.target_modules=all-linear", "lora.use_rslora=true")
+    cfg = _tiny(
+        tiny_bert, small_csv, f"lora.dropout={lora_dropout}", "lora.target_modules=all-linear", "lora.use_rslora=true"
+    )
     model = wrap(build_model(cfg, 4), cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -246,7 +282,9 @@ def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropou
                 p.mul_(1 + 0.05 * torch.randn_like(p))
     tok = load_tokenizer(str(tiny_bert))
     texts = ["short", "a somewhat longer text about markets, oil and the weather", "one two three four five"]
-    batch = collate(encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu"))
+    batch = collate(
+        encode(tok, texts, np.zeros(3, dtype=np.int64), 32), np.arange(3), tok.pad_token_id, torch.device("cpu")
+    )
 
     def run_once(dtype=torch.float32):
         model.zero_grad(set_to_none=True)
@@ -259,7 +297,9 @@ def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropou
     model.train()
     want, want_grads = run_once()
     swapped = use_fast_dora(model)
-    assert swapped > 0 and swapped == sum(1 for n, _ in model.named_modules() if n.endswith("lora_magnitude_vector.default"))
+    assert swapped > 0 and swapped == sum(
+        1 for n, _ in model.named_modules() if n.endswith("lora_magnitude_vector.default")
+    )
     got, got_grads = run_once()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for n in want_grads:
@@ -268,7 +308,10 @@ def test_fast_dora_computes_what_peft_computes(tiny_bert, small_csv, lora_dropou
     torch.testing.assert_close(low, want, atol=0.05, rtol=0.05)
 
 
-needs_bf16_cpu = pytest.mark.skipif(not (cpu_has_bf16() and torch.backends.mkldnn.is_available()), reason="packed weights are used only on CPUs with bf16 (AVX-512 BF16 or AMX) and oneDNN")
+needs_bf16_cpu = pytest.mark.skipif(
+    not (cpu_has_bf16() and torch.backends.mkldnn.is_available()),
+    reason="packed weights are used only on CPUs with bf16 (AVX-512 BF16 or AMX) and oneDNN",
+)
 
 
 @needs_bf16_cpu
@@ -283,7 +326,9 @@ def test_packed_linear_computes_the_linear_layer(gelu, one_thread):
     want = torch.nn.functional.gelu(want) if gelu else want
     got = PackedLinear(lin, gelu=gelu)(x)
     assert got.shape == (3, 7, 48) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2e-2)  # one bf16 rounding of an fp32-accumulated result
+    torch.testing.assert_close(
+        got.float(), want, rtol=2**-7, atol=2e-2
+    )  # one bf16 rounding of an fp32-accumulated result
     # a non-contiguous fp32 input (under autocast, the layer norm's output; the first-token slice) is cast like F.linear's
     torch.testing.assert_close(PackedLinear(lin)(x.float()[:, :1]), PackedLinear(lin)(x[:, :1]))
 
@@ -294,14 +339,18 @@ def test_packed_prediction_matches_unpacked_and_is_switchable(tiny_bert, small_c
 
     run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "r")
     packed = load_run(tmp_path / "r", merge=True)
-    assert not any(isinstance(m, PackedLinear) for m in load_run(tmp_path / "r").model.modules())  # unmerged (export): never
+    assert not any(
+        isinstance(m, PackedLinear) for m in load_run(tmp_path / "r").model.modules()
+    )  # unmerged (export): never
     config = tmp_path / "r" / "config.yaml"
     config.write_text(config.read_text().replace("pack_weights: true", "pack_weights: false"))
     plain = load_run(tmp_path / "r", merge=True)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     n_linear = sum(type(m) is torch.nn.Linear for m in plain.model.modules())  # q, k, v, outputs, FFN, pooler, head
     assert n_linear and sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == n_linear
-    assert sum(m.attr == "gelu" for m in packed.model.modules() if isinstance(m, PackedLinear)) == 2  # one FFN per layer
+    assert (
+        sum(m.attr == "gelu" for m in packed.model.modules() if isinstance(m, PackedLinear)) == 2
+    )  # one FFN per layer
     texts = [f"news item number {i} about markets and games " * (1 + i % 3) for i in range(40)]
     enc = encode(plain.tokenizer, texts, np.zeros(40, dtype=np.int64), 32)
     a = predict_logits(plain.model, enc, 16, plain.tokenizer.pad_token_id, plain.device, plain.dtype)

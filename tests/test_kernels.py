@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model
 
+from conftest import make_tiny_model
 from lorafit.fast import kernels
 
-needs_kernel = pytest.mark.skipif(not kernels.cpu_supports(), reason="the attention kernel needs a CPU with AVX-512 BF16")
+needs_kernel = pytest.mark.skipif(
+    not kernels.cpu_supports(), reason="the attention kernel needs a CPU with AVX-512 BF16"
+)
 
 
 @pytest.fixture()
@@ -154,21 +156,35 @@ def test_kernel_library_is_cached(tmp_path, monkeypatch):
 def test_saved_runs_predict_through_the_kernel_as_through_sdpa(small_csv, tmp_path, monkeypatch, kernel):
     """A bf16 run with 32-wide heads: loaded for prediction, every attention call (the first-token last layer's
     included) goes to the kernel, and the logits are SDPA's up to bf16 rounding; speed.fast_attention=false is SDPA."""
-    from lorafit.config import load_config
     from lorafit.batching import encode, predict_logits
+    from lorafit.config import load_config
     from lorafit.inference.loaded import load_run
     from lorafit.training.recipe import run
 
     model = make_tiny_model(tmp_path / "model", hidden=64)
-    run(load_config(None, [
-        f"model.name={model}", f"data.source={small_csv}", "model.max_length=32", "lora.target_modules=[query,value]",
-        "train.precision=bf16", "train.max_steps=4", "train.batch_size=16", "data.val_fraction=0.2",
-    ]), tmp_path / "r")
+    run(
+        load_config(
+            None,
+            [
+                f"model.name={model}",
+                f"data.source={small_csv}",
+                "model.max_length=32",
+                "lora.target_modules=[query,value]",
+                "train.precision=bf16",
+                "train.max_steps=4",
+                "train.batch_size=16",
+                "data.val_fraction=0.2",
+            ],
+        ),
+        tmp_path / "r",
+    )
     fast = load_run(tmp_path / "r", merge=True)
     config = tmp_path / "r" / "config.yaml"
     config.write_text(config.read_text().replace("fast_attention: true", "fast_attention: false"))
     plain = load_run(tmp_path / "r", merge=True)
-    assert fast.model.config._attn_implementation == "lorafit_kernel" and plain.model.config._attn_implementation == "sdpa"
+    assert (
+        fast.model.config._attn_implementation == "lorafit_kernel" and plain.model.config._attn_implementation == "sdpa"
+    )
     calls = []
     monkeypatch.setattr(kernels, "attention", lambda *a: calls.append(a[0].shape[2]) or kernel(*a))
     texts = [f"news item number {i} about markets and games " * (1 + i % 3) for i in range(40)]

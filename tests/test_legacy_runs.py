@@ -16,9 +16,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model, untimed
 from safetensors.torch import load_file
 
+from conftest import make_tiny_model, untimed
 from lorafit.cli import main
 from lorafit.runs import is_complete, read_run_config
 
@@ -29,7 +29,9 @@ LEGACY = Path(__file__).parent / "data" / "legacy"
 def legacy(tmp_path, ag_sample, monkeypatch, one_thread) -> Path:
     shutil.copytree(LEGACY, tmp_path, dirs_exist_ok=True)
     make_tiny_model(tmp_path / "tiny-bert", "bert")
-    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(tmp_path / "small.csv", index=False)
+    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(
+        tmp_path / "small.csv", index=False
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -37,7 +39,12 @@ def legacy(tmp_path, ag_sample, monkeypatch, one_thread) -> Path:
 def test_the_fixture_uses_the_old_key_names():
     """Guards the fixture itself: were it rewritten by a newer lorafit, the test would prove nothing."""
     text = (LEGACY / "legacy-complete" / "config.yaml").read_text()
-    assert "eval_every: 4" in text and "checkpoint_every: 4" in text and "fast_dropout: true" in text and "\neval:" not in text
+    assert (
+        "eval_every: 4" in text
+        and "checkpoint_every: 4" in text
+        and "fast_dropout: true" in text
+        and "\neval:" not in text
+    )
 
 
 def test_an_old_run_reads_into_the_new_sections(legacy):
@@ -51,7 +58,9 @@ def test_an_old_run_evaluates_predicts_and_reports(legacy, capsys):
     assert main(["eval", "legacy-complete", "--data", "small.csv", "--json", "eval.json"]) == 0
     scored = json.loads(Path("eval.json").read_text())
     assert scored["samples"] == saved["test"]["samples"] == 240
-    assert abs(scored["accuracy"] - saved["test"]["accuracy"]) <= 1 / 240  # merged fp32 logits: a borderline row at most
+    assert (
+        abs(scored["accuracy"] - saved["test"]["accuracy"]) <= 1 / 240
+    )  # merged fp32 logits: a borderline row at most
     assert main(["predict", "legacy-complete", "--input", "small.csv", "--output", "pred.csv"]) == 0
     assert len(Path("pred.csv").read_text().splitlines()) == 241
     assert main(["report", "legacy-complete"]) == 0
@@ -64,9 +73,14 @@ def test_an_old_interrupted_run_resumes_to_the_same_result(legacy, capsys):
     assert "resuming from legacy-interrupted/checkpoints/step-0000004.pt: step 4 of 12" in capsys.readouterr().out
     a, b = Path("legacy-complete"), Path("legacy-interrupted")
     assert is_complete(b)
-    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    wa, wb = (
+        load_file(a / "adapter" / "adapter_model.safetensors"),
+        load_file(b / "adapter" / "adapter_model.safetensors"),
+    )
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-    assert untimed(json.loads((a / "metrics.json").read_text())) == untimed(json.loads((b / "metrics.json").read_text()))
+    assert untimed(json.loads((a / "metrics.json").read_text())) == untimed(
+        json.loads((b / "metrics.json").read_text())
+    )
     history = [untimed(json.loads(line)) for line in (a / "history.jsonl").read_text().splitlines()]
     assert history == [untimed(json.loads(line)) for line in (b / "history.jsonl").read_text().splitlines()]
     assert "\neval:" in (b / "config.yaml").read_text()  # saved again in the current layout

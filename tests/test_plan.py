@@ -6,15 +6,13 @@ import copy
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 
+from conftest import make_tiny_model
 from lorafit import budget, cli, models
 from lorafit.config import load_config
 from lorafit.experiments.plan import block_roles, make_plan, target_names
 from lorafit.experiments.points import Skeletons, apply_point, read_points_file
-
-from conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "configs" / "agnews-roberta-base.yaml"
@@ -42,12 +40,20 @@ def test_plan_on_the_reference_roberta_config_lists_only_layouts_under_one_milli
     base = load_config(REFERENCE)
     skeletons: dict = {}
     layouts = set()
-    for point, count in zip(points, listed):
+    for point, count in zip(points, listed, strict=True):
         cfg = apply_point(base, point, "plan point")
         real = wrapped_count(cfg, skeletons, 4)
         assert real == count < 1_000_000, point
-        layouts.add((flow_key(cfg.lora.target_modules), cfg.lora.r, cfg.lora.use_dora, cfg.model.head,
-                     flow_key(cfg.lora.layers_to_transform), flow_key(cfg.lora.rank_pattern)))
+        layouts.add(
+            (
+                flow_key(cfg.lora.target_modules),
+                cfg.lora.r,
+                cfg.lora.use_dora,
+                cfg.model.head,
+                flow_key(cfg.lora.layers_to_transform),
+                flow_key(cfg.lora.rank_pattern),
+            )
+        )
     assert len(layouts) == len(points)  # no layout listed twice
     # the reference study's own layout is there, with its known count
     assert 759_556 in listed
@@ -91,7 +97,13 @@ def test_target_sets_use_exact_module_names_for_bert(tiny_bert):
     attention = {m for r in "qkvo" for m in roles[r]}
     assert target_names(names, attention) == ["query", "key", "value", "attention.output.dense"]
     plan = make_plan(cfg, max_trainable=10**9, ranks=[2])
-    assert {c.targets for c in plan.fits} == {"q,v", "q,k,v", "q,k,v,o", "q,k,v,o,ffn", "all-linear"}  # all-linear adds the pooler
+    assert {c.targets for c in plan.fits} == {
+        "q,v",
+        "q,k,v",
+        "q,k,v,o",
+        "q,k,v,o,ffn",
+        "all-linear",
+    }  # all-linear adds the pooler
     assert {c.head for c in plan.fits} == {"default"}  # BERT's linear head is its default head
     upper = [c for c in plan.fits if c.layers == "upper 1-1"]
     assert upper and all(c.overrides["lora.layers_to_transform"] == [1] for c in upper)

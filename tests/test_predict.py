@@ -17,7 +17,6 @@ import yaml
 import lorafit
 from lorafit.cli import main as cli
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
@@ -79,7 +78,10 @@ def test_ids_default_to_row_numbers_or_a_named_column(tiny_run, labelled, tmp_pa
     assert predict(tiny_run, tmp_path / "in.csv", tmp_path / "rows.csv") == 0
     rows = pd.read_csv(tmp_path / "rows.csv")
     assert list(rows.columns) == ["ID", "label"] and rows["ID"].tolist() == list(range(len(labelled)))
-    assert predict(tiny_run, tmp_path / "in.csv", tmp_path / "named.csv", "--id-column", "doc", "--label-column", "pred") == 0
+    assert (
+        predict(tiny_run, tmp_path / "in.csv", tmp_path / "named.csv", "--id-column", "doc", "--label-column", "pred")
+        == 0
+    )
     named = pd.read_csv(tmp_path / "named.csv")
     assert list(named.columns) == ["doc", "pred"] and named["doc"].tolist() == [f"d{i}" for i in range(len(labelled))]
     assert named["pred"].tolist() == rows["label"].tolist()
@@ -115,16 +117,22 @@ def _write_input(df: pd.DataFrame, path, kind: str):
             pickle.dump(datasets.Dataset.from_pandas(df, preserve_index=False), f)
 
 
-@pytest.mark.parametrize("kind,out_suffix", [("csv", ".jsonl"), ("parquet", ".csv"), ("jsonl", ".tsv"),
-                                             ("pkl-dataframe", ".parquet"), ("pkl-dataset", ".csv")])
+@pytest.mark.parametrize(
+    "kind,out_suffix",
+    [("csv", ".jsonl"), ("parquet", ".csv"), ("jsonl", ".tsv"), ("pkl-dataframe", ".parquet"), ("pkl-dataset", ".csv")],
+)
 def test_every_input_and_output_format(tiny_run, clf, labelled, tmp_path, kind, out_suffix):
     df = labelled.drop(columns="label").assign(ID=range(100, 100 + len(labelled)))
     inp = tmp_path / f"in.{kind.split('-')[0]}"
     _write_input(df, inp, kind)
     out = tmp_path / f"out{out_suffix}"
     assert predict(tiny_run, inp, out) == 0
-    got = {".jsonl": lambda p: pd.read_json(p, lines=True), ".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"),
-           ".parquet": pd.read_parquet}[out_suffix](out)
+    got = {
+        ".jsonl": lambda p: pd.read_json(p, lines=True),
+        ".csv": pd.read_csv,
+        ".tsv": lambda p: pd.read_csv(p, sep="\t"),
+        ".parquet": pd.read_parquet,
+    }[out_suffix](out)
     assert got["ID"].astype(int).tolist() == df["ID"].tolist()
     assert got["label"].astype(str).tolist() == clf.predict(df["text"].tolist())
 
@@ -142,8 +150,13 @@ def test_stdin_to_stdout_in_process(tiny_run, clf, labelled, monkeypatch, capsys
 def test_stdout_carries_only_predictions(tiny_run, labelled):
     """The real pipe, in a fresh process: warnings, notes and the progress line go to stderr."""
     lines = labelled.head(5).to_json(orient="records", lines=True)
-    p = subprocess.run([sys.executable, "-m", "lorafit", "predict", str(tiny_run), "--input", "-", "--output", "-", "--proba"],
-                       input=lines, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "lorafit", "predict", str(tiny_run), "--input", "-", "--output", "-", "--proba"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert len(rows) == 5 and all(abs(sum(v for k, v in r.items() if k.startswith("proba_")) - 1) < 1e-9 for r in rows)
@@ -162,9 +175,11 @@ def test_run_text_columns_and_preprocessing_are_used(tiny_run, clf, labelled, tm
     df.to_csv(tmp_path / "in.csv", index=False)
     assert predict(run, tmp_path / "in.csv", tmp_path / "out.csv", "--proba") == 0
     out = pd.read_csv(tmp_path / "out.csv")
-    expected = clf.predict_proba([(t + " " + b.strip()).lower() for t, b in zip(df["title"], df["body"])])
+    expected = clf.predict_proba([(t + " " + b.strip()).lower() for t, b in zip(df["title"], df["body"], strict=True)])
     np.testing.assert_allclose(out[[f"proba_{c}" for c in clf.label_names]].to_numpy(), expected, atol=1e-12)
-    assert lorafit.load(run).predict(df.head(3)) == clf.predict([(t + " " + b.strip()).lower() for t, b in zip(df["title"][:3], df["body"][:3])])
+    assert lorafit.load(run).predict(df.head(3)) == clf.predict(
+        [(t + " " + b.strip()).lower() for t, b in zip(df["title"][:3], df["body"][:3], strict=True)]
+    )
 
 
 def test_rows_with_empty_text_are_kept(tiny_run, labelled, tmp_path, capsys):
@@ -177,14 +192,30 @@ def test_rows_with_empty_text_are_kept(tiny_run, labelled, tmp_path, capsys):
 
 
 BAD_INPUTS = {
-    "missing-text-column": (lambda p: pd.DataFrame({"body": ["a", "b"]}).to_csv(p, index=False), ".csv", "text column(s) ['text'] not found"),
+    "missing-text-column": (
+        lambda p: pd.DataFrame({"body": ["a", "b"]}).to_csv(p, index=False),
+        ".csv",
+        "text column(s) ['text'] not found",
+    ),
     "empty-file": (lambda p: p.write_bytes(b""), ".csv", "is empty"),
     "header-only": (lambda p: p.write_text("ID,text\n"), ".csv", "no rows"),
-    "duplicated-ids": (lambda p: pd.DataFrame({"ID": [1, 2, 2, 3, 3], "text": list("abcde")}).to_csv(p, index=False), ".csv", "2 duplicated value(s) in 4 rows"),
+    "duplicated-ids": (
+        lambda p: pd.DataFrame({"ID": [1, 2, 2, 3, 3], "text": list("abcde")}).to_csv(p, index=False),
+        ".csv",
+        "2 duplicated value(s) in 4 rows",
+    ),
     "missing-ids": (lambda p: p.write_text("ID,text\n1,a\n,b\n"), ".csv", "no value in id column 'ID'"),
-    "non-utf8-csv": (lambda p: p.write_bytes("ID,text\n1,caf\xe9 au lait\n".encode("latin-1")), ".csv", "not valid UTF-8"),
+    "non-utf8-csv": (
+        lambda p: p.write_bytes("ID,text\n1,caf\xe9 au lait\n".encode("latin-1")),
+        ".csv",
+        "not valid UTF-8",
+    ),
     "non-utf8-jsonl": (lambda p: p.write_bytes(b'{"text": "caf\xe9"}\n'), ".jsonl", "UTF-8"),
-    "all-texts-empty": (lambda p: p.write_text('ID,text\n1,""\n2,  \n'), ".csv", "every one of the 2 rows has empty text"),
+    "all-texts-empty": (
+        lambda p: p.write_text('ID,text\n1,""\n2,  \n'),
+        ".csv",
+        "every one of the 2 rows has empty text",
+    ),
     "not-a-table-pickle": (lambda p: p.write_bytes(pickle.dumps([1, 2, 3])), ".pkl", "holds a list"),
     "broken-pickle": (lambda p: p.write_bytes(b"\x80\x04garbage"), ".pkl", "could not be unpickled"),
     "unknown-suffix": (lambda p: p.write_text("text\nhello\n"), ".xlsx", "expected one of .csv"),
@@ -204,10 +235,13 @@ def test_bad_input_is_one_line_and_leaves_no_output(tiny_run, tmp_path, capsys, 
     assert list(out_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--id-column", "nope"], "id column 'nope' not found"),
-    (["--label-column", "ID", "--id-column", "ID"], "is also the id column"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--id-column", "nope"], "id column 'nope' not found"),
+        (["--label-column", "ID", "--id-column", "ID"], "is also the id column"),
+    ],
+)
 def test_bad_options_are_one_line(tiny_run, labelled, tmp_path, capsys, args, message):
     labelled.assign(ID=range(len(labelled))).to_csv(tmp_path / "in.csv", index=False)
     assert predict(tiny_run, tmp_path / "in.csv", tmp_path / "out.csv", *args) == 2
@@ -219,7 +253,11 @@ def test_bad_options_are_one_line(tiny_run, labelled, tmp_path, capsys, args, me
 
 
 def test_bad_stdin_is_one_line(tiny_run, monkeypatch, capsys):
-    for data, message in [(b"", "standard input is empty"), (b'{"text": "caf\xe9"}\n', "not valid UTF-8"), (b"not json\n", "could not be parsed")]:
+    for data, message in [
+        (b"", "standard input is empty"),
+        (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
+        (b"not json\n", "could not be parsed"),
+    ]:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
         assert cli(["predict", str(tiny_run), "--input", "-", "--output", "-"]) == 2
         assert message in one_line_error(capsys)
@@ -227,10 +265,12 @@ def test_bad_stdin_is_one_line(tiny_run, monkeypatch, capsys):
 
 def test_bad_output_and_run_are_one_line(tiny_run, labelled, tmp_path, capsys):
     labelled.to_csv(tmp_path / "in.csv", index=False)
-    for out, run, message in [(tmp_path / "out.xlsx", tiny_run, "expected one of .csv"),
-                              (tmp_path / "no" / "such" / "out.csv", tiny_run, "does not exist"),
-                              (tmp_path, tiny_run, "is a folder"),
-                              (tmp_path / "out.csv", tmp_path / "no-run", "not found")]:
+    for out, run, message in [
+        (tmp_path / "out.xlsx", tiny_run, "expected one of .csv"),
+        (tmp_path / "no" / "such" / "out.csv", tiny_run, "does not exist"),
+        (tmp_path, tiny_run, "is a folder"),
+        (tmp_path / "out.csv", tmp_path / "no-run", "not found"),
+    ]:
         assert predict(run, tmp_path / "in.csv", out) == 2
         assert message in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
@@ -274,8 +314,16 @@ def test_api_accepts_a_string_and_rejects_non_strings(clf):
 
 
 def test_import_lorafit_stays_cheap():
-    p = subprocess.run([sys.executable, "-c", "import sys, lorafit; assert callable(lorafit.load); print(sorted(m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules))"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, lorafit; assert callable(lorafit.load); print(sorted(m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
 

@@ -21,8 +21,16 @@ from lorafit.report.run_files import read_run_files
 from lorafit.report.run_report import PLOTS, write_run_report
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def embedded_pngs(page: str) -> list[bytes]:
@@ -33,14 +41,25 @@ def test_every_run_writes_a_self_contained_report(tiny_run):
     page = (tiny_run / "report.html").read_text(encoding="utf-8")
     pngs = embedded_pngs(page)
     assert len(pngs) == len(PLOTS) == len(re.findall(r"<img ", page))
-    assert sorted(pngs) == sorted((tiny_run / name).read_bytes() for name in PLOTS.values())  # the PNGs beside it, embedded
+    assert sorted(pngs) == sorted(
+        (tiny_run / name).read_bytes() for name in PLOTS.values()
+    )  # the PNGs beside it, embedded
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     # nothing to fetch: no external URL, stylesheet, script or font
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "<script" not in page and "url(" not in page
     assert "http://" not in page and "https://" not in page
     budget = json.loads((tiny_run / "budget.json").read_text())
-    for text in (f"{budget['total']:,}", f"{budget['parts']['lora_A']:,}", "attention.self.query", "target_modules:",
-                 "Confusion matrix", "Per-class F1", "Learning rate against", "Validation accuracy against", "validation loss against"):
+    for text in (
+        f"{budget['total']:,}",
+        f"{budget['parts']['lora_A']:,}",
+        "attention.self.query",
+        "target_modules:",
+        "Confusion matrix",
+        "Per-class F1",
+        "Learning rate against",
+        "Validation accuracy against",
+        "validation loss against",
+    ):
         assert text in page, text
 
 
@@ -75,11 +94,17 @@ def test_a_plotting_failure_warns_instead_of_losing_the_run(tiny_run, tmp_path, 
     (run / "report.html").unlink()
     monkeypatch.setattr(report, "plot_confusion", lambda *a: (_ for _ in ()).throw(ValueError("no fonts")))
     write_run_report(run)
-    assert "warning: report.html not written (ValueError: no fonts); rebuild it with `lorafit report RUN`" in capsys.readouterr().out
+    assert (
+        "warning: report.html not written (ValueError: no fonts); rebuild it with `lorafit report RUN`"
+        in capsys.readouterr().out
+    )
     assert not (run / "report.html").exists()
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium is not installed (/usr/bin/chromium; Debian package `chromium`, which .ci/run installs)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="headless Chromium is not installed (/usr/bin/chromium; Debian package `chromium`, which .ci/run installs)",
+)
 def test_report_opens_in_headless_chromium_with_every_image_loaded(tiny_run, tmp_path):
     from PIL import Image
 
@@ -91,12 +116,18 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(tiny_run, tmp
       out.textContent = JSON.stringify(imgs.map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth, h: i.naturalHeight})));
       document.body.appendChild(out);
     });</script>"""
-    probe.write_text((tiny_run / "report.html").read_text(encoding="utf-8").replace("</body>", check + "</body>"), encoding="utf-8")
+    probe.write_text(
+        (tiny_run / "report.html").read_text(encoding="utf-8").replace("</body>", check + "</body>"), encoding="utf-8"
+    )
 
     def chromium(*args):
         profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"  # a fresh profile per launch
-        return subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, probe.as_uri()],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, probe.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     p = chromium("--dump-dom", "--virtual-time-budget=5000")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -125,7 +156,7 @@ def _fake_run(src: Path, dest: Path, config_changes: dict, val_losses: list[floa
         cfg[section][leaf] = value
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rows = [json.loads(line) for line in (dest / "history.jsonl").read_text().splitlines()]
-    for row, loss in zip(rows, val_losses):
+    for row, loss in zip(rows, val_losses, strict=True):
         row["val_loss"] = loss
     (dest / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = json.loads((dest / "metrics.json").read_text())
@@ -136,13 +167,29 @@ def _fake_run(src: Path, dest: Path, config_changes: dict, val_losses: list[floa
 
 
 def test_compare_runs(tiny_run, tmp_path, capsys):
-    other = _fake_run(tiny_run, tmp_path / "dora-rslora", {"lora.use_dora": True, "lora.use_rslora": True}, [1.2, 0.9, 0.95], 0.75)
+    other = _fake_run(
+        tiny_run, tmp_path / "dora-rslora", {"lora.use_dora": True, "lora.use_rslora": True}, [1.2, 0.9, 0.95], 0.75
+    )
     out = tmp_path / "cmp"
     assert cli(["compare", str(tiny_run), str(other), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "comparison.html", "comparison.md", "val_loss.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.csv",
+        "comparison.html",
+        "comparison.md",
+        "val_loss.png",
+    ]
     rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
-    assert list(rows[0]) == ["run", "lora.use_dora", "lora.use_rslora", "trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s"]
+    assert list(rows[0]) == [
+        "run",
+        "lora.use_dora",
+        "lora.use_rslora",
+        "trainable_params",
+        "best_val_loss",
+        "val_accuracy",
+        "test_accuracy",
+        "wall_time_s",
+    ]
     base = json.loads((tiny_run / "metrics.json").read_text())
     history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
     assert rows[0]["run"] == "run" and rows[0]["lora.use_dora"] == "False"
@@ -151,8 +198,13 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
     assert float(rows[0]["best_val_loss"]) == min(h["val_loss"] for h in history)
     assert int(rows[0]["trainable_params"]) == base["training"]["trainable_parameters"]
     assert float(rows[0]["wall_time_s"]) == base["training"]["train_seconds"]
-    assert (rows[1]["run"], rows[1]["lora.use_dora"], rows[1]["best_val_loss"], rows[1]["val_accuracy"], rows[1]["test_accuracy"]) == (
-        "dora-rslora", "True", "0.9", "0.75", "")
+    assert (
+        rows[1]["run"],
+        rows[1]["lora.use_dora"],
+        rows[1]["best_val_loss"],
+        rows[1]["val_accuracy"],
+        rows[1]["test_accuracy"],
+    ) == ("dora-rslora", "True", "0.9", "0.75", "")
     md = (out / "comparison.md").read_text()
     assert md in printed and "| dora-rslora | True | True |" in md and "| 0.7500 | — |" in md
     page = (out / "comparison.html").read_text()
@@ -184,7 +236,10 @@ def test_compare_names_runs_apart_when_folder_names_repeat(tiny_run, tmp_path):
 
 def test_compare_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    for args, message in [([str(tmp_path / "missing")], "not found"), ([str(tmp_path / "empty")], "neither a run folder")]:
+    for args, message in [
+        ([str(tmp_path / "missing")], "not found"),
+        ([str(tmp_path / "empty")], "neither a run folder"),
+    ]:
         assert cli(["compare", *args, "-o", str(tmp_path / "cmp")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("lorafit: error:") and message in err and "\n" not in err

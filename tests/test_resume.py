@@ -15,28 +15,27 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import history, untimed
 from safetensors.torch import load_file
 
-from lorafit.checkpoint import Checkpoints
+from conftest import history, untimed, wait_for
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.runs import INCOMPLETE, LOCK, acquire_lock, check_output, lock_holder, read_run_config, release_lock
-from lorafit.train import Schedule, make_optimizer, run
-
+from lorafit.schedule import Schedule, make_optimizer
+from lorafit.training.checkpoint import Checkpoints
+from lorafit.training.recipe import run
 from test_train import tiny_cfg
 
 
 @pytest.fixture(autouse=True)
 def no_report(monkeypatch):
     """report.html (matplotlib) costs seconds per run and plays no part here."""
-    monkeypatch.setattr("lorafit.report.write_run_report", lambda folder: None)
+    monkeypatch.setattr("lorafit.training.recipe.write_run_report", lambda folder: None)
 
 
 class Crash(Exception):
@@ -47,12 +46,16 @@ def crash_at(step: int):
     def on_eval(row):
         if row["step"] == step:
             raise Crash(f"crash at step {step}")
+
     return on_eval
 
 
 def assert_same_run(a: Path, b: Path, atol: float = 0.0) -> float:
     """Same metrics, history and adapter weights; returns the largest weight difference."""
-    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    wa, wb = (
+        load_file(a / "adapter" / "adapter_model.safetensors"),
+        load_file(b / "adapter" / "adapter_model.safetensors"),
+    )
     assert wa.keys() == wb.keys()
     diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
     ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
@@ -83,7 +86,13 @@ def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
 # Resume, in-process
 
 
-RESUMABLE = ["train.max_steps=14", "train.eval_every=3", "train.checkpoint_every=4", "lora.dropout=0.3", "train.early_stopping.patience=0"]
+RESUMABLE = [
+    "train.max_steps=14",
+    "eval.every=3",
+    "checkpoint.every=4",
+    "lora.dropout=0.3",
+    "eval.early_stopping.patience=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +100,12 @@ def reference(tiny_bert, tmp_path_factory, ag_sample) -> tuple[object, Path]:
     """The config the in-process resume tests interrupt, and its uninterrupted run."""
     folder = tmp_path_factory.mktemp("reference")
     data = folder / "small.csv"
-    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(data, index=False)  # as small_csv
+    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(
+        data, index=False
+    )  # as small_csv
     cfg = tiny_cfg(tiny_bert, data, *RESUMABLE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("lorafit.report.write_run_report", lambda folder: None)
+        mp.setattr("lorafit.training.recipe.write_run_report", lambda folder: None)
         run(cfg, folder / "run")
     return cfg, folder / "run"
 
@@ -111,7 +122,9 @@ def test_interrupted_run_resumes_exactly(reference, small_csv, tmp_path, capsys,
     shutil.copytree(out, control)
 
     # an incomplete run is not a run to evaluate, and a fresh `train -o` into it points at --resume
-    with pytest.raises(LorafitError, match="incomplete run: its training was interrupted; continue it with `lorafit train --resume"):
+    with pytest.raises(
+        LorafitError, match="incomplete run: its training was interrupted; continue it with `lorafit train --resume"
+    ):
         read_run_config(out)
     with pytest.raises(LorafitError, match="holds an interrupted run; continue it with `lorafit train --resume"):
         check_output(out, overwrite=False)
@@ -125,7 +138,7 @@ def test_interrupted_run_resumes_exactly(reference, small_csv, tmp_path, capsys,
     read_run_config(out)  # complete now
 
     # the comparison can fail: resumed without the saved RNG state (LoRA dropout), the same checkpoint ends elsewhere
-    import lorafit.train as train_mod
+    import lorafit.training.recipe as train_mod
 
     monkeypatch.setattr(train_mod, "set_rng_state", lambda state: torch.manual_seed(1234))
     run(cfg, control, resume=True)
@@ -143,7 +156,10 @@ def test_ctrl_c_keeps_the_checkpoints(reference, tmp_path, capsys):
 
     with pytest.raises(KeyboardInterrupt):
         run(cfg, out, on_eval=interrupt)
-    assert f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`" in capsys.readouterr().out
+    assert (
+        f"note: the interrupted run stays in {out}; continue it with `lorafit train --resume {out}`"
+        in capsys.readouterr().out
+    )
     assert (out / INCOMPLETE).exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004.pt"]
     assert not (out / LOCK).exists()
 
@@ -151,7 +167,7 @@ def test_ctrl_c_keeps_the_checkpoints(reference, tmp_path, capsys):
 def test_failure_before_the_first_checkpoint_leaves_nothing(tiny_bert, small_csv, tmp_path):
     out = tmp_path / "runs" / "r"
     with pytest.raises(Crash):
-        run(tiny_cfg(tiny_bert, small_csv, "train.eval_every=1"), out, on_eval=crash_at(1))
+        run(tiny_cfg(tiny_bert, small_csv, "eval.every=1"), out, on_eval=crash_at(1))
     assert not out.exists()
 
 
@@ -161,12 +177,16 @@ def test_resume_cli_errors(tiny_bert, small_csv, tmp_path, capsys):
     capsys.readouterr()
     assert "already complete; nothing to resume" in one_line_error(capsys, ["train", "--resume", str(done)])
     assert "no such run folder" in one_line_error(capsys, ["train", "--resume", str(tmp_path / "nope")])
-    assert "drop -c, --overwrite" in one_line_error(capsys, ["train", "--resume", str(done), "-c", "x.yaml", "--overwrite"])
+    assert "drop -c, --overwrite" in one_line_error(
+        capsys, ["train", "--resume", str(done), "-c", "x.yaml", "--overwrite"]
+    )
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     (interrupted / INCOMPLETE).write_text("")
-    msg = one_line_error(capsys, ["train", "--resume", str(interrupted), "--set", "train.batch_size=8", "--set", "lora.r=2"])
+    msg = one_line_error(
+        capsys, ["train", "--resume", str(interrupted), "--set", "train.batch_size=8", "--set", "lora.r=2"]
+    )
     assert "train.batch_size, lora.r cannot change in a resumed run" in msg and "train.precision" in msg
     assert "before it saved config.yaml" in one_line_error(capsys, ["train", "--resume", str(interrupted)])
 
@@ -183,7 +203,9 @@ def test_resume_without_a_checkpoint_starts_over(reference, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "taking over the stale lock" in printed and "999999999" in printed and "training it from the start" in printed
+    assert (
+        "taking over the stale lock" in printed and "999999999" in printed and "training it from the start" in printed
+    )
     assert_same_run(ref, out)
 
 
@@ -198,8 +220,12 @@ def test_a_folder_being_trained_is_locked(tiny_bert, small_csv, tmp_path, capsys
     try:
         assert lock_holder(out) == os.getpid()
         (out / INCOMPLETE).write_text("")
-        assert "being trained right now by pid" in one_line_error(capsys, ["train", "-o", str(out), "--overwrite", "--set", f"model.name={tiny_bert}"])
-        assert f"pid {os.getpid()} is training it right now" in one_line_error(capsys, ["eval", str(out), "--data", str(small_csv)])
+        assert "being trained right now by pid" in one_line_error(
+            capsys, ["train", "-o", str(out), "--overwrite", "--set", f"model.name={tiny_bert}"]
+        )
+        assert f"pid {os.getpid()} is training it right now" in one_line_error(
+            capsys, ["eval", str(out), "--data", str(small_csv)]
+        )
         assert "being trained right now by pid" in one_line_error(capsys, ["train", "--resume", str(out)])
         with pytest.raises(LorafitError, match=r"is being trained by another process \(pid \d+"):
             run(tiny_cfg(tiny_bert, small_csv), out)  # past the CLI's checks: the lock itself refuses
@@ -210,7 +236,7 @@ def test_a_folder_being_trained_is_locked(tiny_bert, small_csv, tmp_path, capsys
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    dead.wait(timeout=60)
     (tmp_path / LOCK).write_text(f"{dead.pid}\n")
     assert lock_holder(tmp_path) is None
     fd = acquire_lock(tmp_path)
@@ -265,16 +291,35 @@ def test_schedule_state_round_trips(kind):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_bert, small_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    args = sum((["--set", item] for item in [
-        f"model.name={tiny_bert}", f"data.source={small_csv}", "model.max_length=32", "lora.r=4", "lora.target_modules=[query,value]",
-        "train.batch_size=16", "train.max_steps=6", "train.precision=fp32", "data.val_fraction=0.2", "train.checkpoint_every=1", "train.num_threads=1",
-        # warm-up: step 1 runs at lr 0, step 2 at 1e30/3, which throws the weights to ~1e29: step 3's loss is nan
-        "train.warmup_ratio=0.5", "train.lr=1e30",
-    ]), [])
+    args = sum(
+        (
+            ["--set", item]
+            for item in [
+                f"model.name={tiny_bert}",
+                f"data.source={small_csv}",
+                "model.max_length=32",
+                "lora.r=4",
+                "lora.target_modules=[query,value]",
+                "train.batch_size=16",
+                "train.max_steps=6",
+                "train.precision=fp32",
+                "data.val_fraction=0.2",
+                "checkpoint.every=1",
+                "speed.num_threads=1",
+                # warm-up: step 1 runs at lr 0, step 2 at 1e30/3, which throws the weights to ~1e29: step 3's loss is nan
+                "train.warmup_ratio=0.5",
+                "train.lr=1e30",
+            ]
+        ),
+        [],
+    )
     msg = one_line_error(capsys, ["train", *args, "-o", str(out)])
     assert "the training loss became nan at step 3 (epoch 1)" in msg and "lower train.lr (now 1e+30)" in msg
     # the step-2 checkpoint holds the weights that gave nan: dropped; step 1's is the last good one
-    assert f"the last good checkpoint (step 1) is kept: continue from it with `lorafit train --resume {out} --set train.lr=...`" in msg
+    assert (
+        f"the last good checkpoint (step 1) is kept: continue from it with `lorafit train --resume {out} --set train.lr=...`"
+        in msg
+    )
     assert (out / INCOMPLETE).exists() and [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001.pt"]
 
     # the suggested fix works: resume from the good checkpoint with a sane lr (the schedule is scaled down)
@@ -285,16 +330,18 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_be
 
 
 def test_nan_before_any_checkpoint_suggests_fp32_and_leaves_nothing(tiny_bert, small_csv, tmp_path, monkeypatch):
-    import lorafit.train as train_mod
+    import lorafit.training.recipe as train_mod
 
     real = train_mod.F.cross_entropy  # only the training loss: evaluation computes its own
     monkeypatch.setattr(train_mod, "F", SimpleNamespace(cross_entropy=lambda *a, **k: real(*a, **k) * float("inf")))
-    cfg = tiny_cfg(tiny_bert, small_csv, "train.precision=bf16", "train.checkpoint_every=2")
+    cfg = tiny_cfg(tiny_bert, small_csv, "train.precision=bf16", "checkpoint.every=2")
     out = tmp_path / "run"
     with pytest.raises(LorafitError) as e:
         run(cfg, out)
-    assert str(e.value) == ("the training loss became inf at step 1 (epoch 1); lower train.lr (now 0.005) or use train.precision=fp32 "
-                            "(now bfloat16); no good checkpoint had been written yet")
+    assert str(e.value) == (
+        "the training loss became inf at step 1 (epoch 1); lower train.lr (now 0.005) or use train.precision=fp32 "
+        "(now bfloat16); no good checkpoint had been written yet"
+    )
     assert not out.exists()
 
 
@@ -305,9 +352,23 @@ def test_nan_before_any_checkpoint_suggests_fp32_and_leaves_nothing(tiny_bert, s
 def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, precision: str) -> tuple[Path, Path]:
     data = tmp_path / "data.csv"
     ag_sample.groupby("label", group_keys=False).head(100).to_csv(data, index=False)  # 400 rows: 40 steps per epoch
-    items = [f"model.name={tiny_bert}", f"data.source={data}", "model.max_length=64", "lora.r=4", "lora.target_modules=[query,value]",
-             "lora.dropout=0.2", "train.batch_size=8", "train.max_steps=150", "train.eval_every=10", f"train.precision={precision}",
-             "train.num_threads=1", "train.checkpoint_every=5", "train.early_stopping.patience=0", "data.val_fraction=0.2", "train.lr=5e-3"]
+    items = [
+        f"model.name={tiny_bert}",
+        f"data.source={data}",
+        "model.max_length=64",
+        "lora.r=4",
+        "lora.target_modules=[query,value]",
+        "lora.dropout=0.2",
+        "train.batch_size=8",
+        "train.max_steps=150",
+        "eval.every=10",
+        f"train.precision={precision}",
+        "speed.num_threads=1",
+        "checkpoint.every=5",
+        "eval.early_stopping.patience=0",
+        "data.val_fraction=0.2",
+        "train.lr=5e-3",
+    ]
     ref, out = tmp_path / "ref", tmp_path / "killed"
     from lorafit.config import load_config
 
@@ -315,26 +376,43 @@ def _kill_mid_epoch_and_resume(tiny_bert, ag_sample, tmp_path, capsys, precision
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = [sys.executable, "-m", "lorafit", "train", *sum((["--set", i] for i in items), []), "-o", str(out)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: the progress bar would fill a pipe nobody drains
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     checkpoints = out / "checkpoints"
     try:
-        while proc.poll() is None and not (checkpoints.is_dir() and any(checkpoints.glob("step-*.pt"))):
-            time.sleep(0.002)
+        wait_for(
+            lambda: checkpoints.is_dir() and any(checkpoints.glob("step-*.pt")),
+            proc,
+            "the first checkpoint",
+            600,
+            log,
+            every=0.002,
+        )
         proc.send_signal(signal.SIGSTOP)  # frozen mid-epoch, still holding its lock
-        assert proc.poll() is None, f"training ended before the kill: {proc.stderr.read().decode()[-1000:]}"
+        assert proc.poll() is None, f"training ended before the kill: {log.read_text(errors='replace')[-1000:]}"
         # a second process may not train into the folder, resume it or evaluate it meanwhile
-        for argv in (["train", "--resume", str(out)], ["train", *sum((["--set", i] for i in items), []), "-o", str(out), "--overwrite"],
-                     ["eval", str(out), "--data", str(data)]):
+        for argv in (
+            ["train", "--resume", str(out)],
+            ["train", *sum((["--set", i] for i in items), []), "-o", str(out), "--overwrite"],
+            ["eval", str(out), "--data", str(data)],
+        ):
             assert main(argv) == 2
             assert f"pid {proc.pid}" in capsys.readouterr().err
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert (out / INCOMPLETE).exists() and (out / LOCK).exists()  # a lock file of a dead process: stale
 
-    q = subprocess.run([sys.executable, "-m", "lorafit", "train", "--resume", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    q = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", "--resume", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert q.returncode == 0, q.stderr[-2000:]
     resumed = [line for line in q.stdout.splitlines() if line.startswith("resuming from")]
     assert resumed and " of 150 (epoch " in resumed[0] and ", batch 0 of" not in resumed[0], resumed  # mid-epoch
@@ -355,7 +433,7 @@ def test_sigkilled_training_resumes_bf16(tiny_bert, ag_sample, tmp_path, capsys)
 
 
 def test_runs_saved_before_pad_to_multiple_of_resume_with_their_own_padding(tmp_path):
-    """A run whose config.yaml predates train.pad_to_multiple_of padded to the longest text only; resuming it with
+    """A run whose config.yaml predates speed.pad_to_multiple_of padded to the longest text only; resuming it with
     the new default (8) would continue a different training."""
     from lorafit.config import load_config, save_config
     from lorafit.runs import resume_config
@@ -364,8 +442,8 @@ def test_runs_saved_before_pad_to_multiple_of_resume_with_their_own_padding(tmp_
     run.mkdir()
     (run / INCOMPLETE).write_text("")
     save_config(load_config(None, []), run / "config.yaml")
-    assert resume_config(run).train.pad_to_multiple_of == 8
+    assert resume_config(run).speed.pad_to_multiple_of == 8
     text = (run / "config.yaml").read_text()
     assert "  pad_to_multiple_of: 8\n" in text
     (run / "config.yaml").write_text(text.replace("  pad_to_multiple_of: 8\n", ""))
-    assert resume_config(run).train.pad_to_multiple_of == 1
+    assert resume_config(run).speed.pad_to_multiple_of == 1

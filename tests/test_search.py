@@ -22,9 +22,19 @@ from lorafit.experiments.search import read_space, run_search
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
-TINY = ["model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
-        "eval.batch_size=32", "train.max_steps=2", "eval.every=1", "train.precision=fp32", "train.lr=5e-3",
-        "data.val_fraction=0.2"]
+TINY = [
+    "model.max_length=32",
+    "lora.r=4",
+    "lora.alpha=8",
+    "lora.target_modules=[query,value]",
+    "train.batch_size=16",
+    "eval.batch_size=32",
+    "train.max_steps=2",
+    "eval.every=1",
+    "train.precision=fp32",
+    "train.lr=5e-3",
+    "data.val_fraction=0.2",
+]
 SPACE = """\
 lora.r: [2, 4]
 train.lr: {low: 1.0e-3, high: 1.0e-2, log: true}
@@ -54,15 +64,27 @@ def test_space_files_are_checked_before_any_trial(base_yaml, tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text(SPACE)
     dims = read_space(f, base)
-    assert [(d.key, d.kind) for d in dims] == [("lora.r", "categorical"), ("train.lr", "float"), ("lora.target_modules", "categorical")]
+    assert [(d.key, d.kind) for d in dims] == [
+        ("lora.r", "categorical"),
+        ("train.lr", "float"),
+        ("lora.target_modules", "categorical"),
+    ]
     f.write_text("lora.rank: [2, 4]\n")
     with pytest.raises(LorafitError, match=r"unknown key\(s\) 'lora.rank' \(did you mean 'lora.r'\?\)"):
         read_space(f, base)
-    f.write_text("train.lr: {low: 0, high: 1.0e-2, log: true}\nlora.dropout: [0.1, 2.0]\nlora.r: {low: 8, high: 2}\nlora.alpha: 3\n")
+    f.write_text(
+        "train.lr: {low: 0, high: 1.0e-2, log: true}\nlora.dropout: [0.1, 2.0]\nlora.r: {low: 8, high: 2}\nlora.alpha: 3\n"
+    )
     with pytest.raises(LorafitError) as err:
         read_space(f, base)
     msg = str(err.value)
-    assert "4 problem(s)" in msg and "log: true needs low > 0" in msg and "lora.dropout=2.0" in msg and "low < high" in msg and "lora.alpha: got 3" in msg
+    assert (
+        "4 problem(s)" in msg
+        and "log: true needs low > 0" in msg
+        and "lora.dropout=2.0" in msg
+        and "low < high" in msg
+        and "lora.alpha: got 3" in msg
+    )
 
 
 def test_local_search_runs_n_trials_and_a_rerun_trains_nothing(base_yaml, space, tmp_path, capsys):
@@ -79,7 +101,16 @@ def test_local_search_runs_n_trials_and_a_rerun_trains_nothing(base_yaml, space,
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2]
-    assert set(rows[0]) >= {"trial", "lora.r", "train.lr", "lora.target_modules", "status", "trainable", "best_val_loss", "val_accuracy"}
+    assert set(rows[0]) >= {
+        "trial",
+        "lora.r",
+        "train.lr",
+        "lora.target_modules",
+        "status",
+        "trainable",
+        "best_val_loss",
+        "val_accuracy",
+    }
     for t in study.trials:
         if t.state == TrialState.COMPLETE:
             folder = out / f"trial-{t.number:04d}-s42"
@@ -140,7 +171,10 @@ def _pg_binary(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
     return candidates[-1] if candidates else None
 
 
@@ -155,7 +189,9 @@ def postgres_url():
     """A private PostgreSQL cluster in a temp dir, on a loopback port, trust auth; stopped and removed afterwards."""
     initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install the Debian package postgresql (.ci/run does)")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found; install the Debian package postgresql (.ci/run does)"
+        )
     root = Path(tempfile.mkdtemp(prefix="lorafit-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root
@@ -169,8 +205,19 @@ def postgres_url():
     started = False
     try:
         pg(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync")
-        pg(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60",
-           "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50", "start")
+        pg(
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "start",
+        )
         started = True
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
     except subprocess.CalledProcessError as e:
@@ -182,17 +229,38 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_workers_on_one_postgres_study_run_n_trials_each_exactly_once(postgres_url, base_yaml, space, tmp_path):
+def test_two_workers_on_one_postgres_study_run_n_trials_each_exactly_once(
+    postgres_url, base_yaml, space, tmp_path, children
+):
     n = 5
     workers = [tmp_path / "worker1", tmp_path / "worker2"]  # as if on two machines: separate sweep folders
 
     def cmd(out):
-        return [sys.executable, "-m", "lorafit", "sweep", "-c", str(base_yaml), "--search", "optuna", "--trials", str(n),
-                "--space", str(space), "--storage", postgres_url, "--study", "shared", "-o", str(out)]
+        return [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "sweep",
+            "-c",
+            str(base_yaml),
+            "--search",
+            "optuna",
+            "--trials",
+            str(n),
+            "--space",
+            str(space),
+            "--storage",
+            postgres_url,
+            "--study",
+            "shared",
+            "-o",
+            str(out),
+        ]
 
-    procs = [subprocess.Popen(cmd(w), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in workers]
-    outputs = [p.communicate(timeout=1200) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    # both at once, 600 s for the two (the per-test limit); their output goes to files, so neither blocks on a full pipe
+    procs = children.run_all([cmd(w) for w in workers], "two sweep workers sharing a PostgreSQL study", 600)
+    outputs = [(p.stdout, p.stderr) for p in procs]
+    for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
 
     study = optuna.load_study(study_name="shared", storage=postgres_url)
@@ -219,11 +287,54 @@ def test_two_workers_on_one_postgres_study_run_n_trials_each_exactly_once(postgr
 
 def test_storage_errors_are_one_line(base_yaml, space, tmp_path):
     port = _free_port()  # nothing listens there
-    p = subprocess.run([sys.executable, "-m", "lorafit", "sweep", "-c", str(base_yaml), "--search", "optuna", "--trials", "1",
-                        "--space", str(space), "--storage", f"postgresql+psycopg2://u:secret@127.0.0.1:{port}/x", "--study", "s",
-                        "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "sweep",
+            "-c",
+            str(base_yaml),
+            "--search",
+            "optuna",
+            "--trials",
+            "1",
+            "--space",
+            str(space),
+            "--storage",
+            f"postgresql+psycopg2://u:secret@127.0.0.1:{port}/x",
+            "--study",
+            "s",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and p.stderr.startswith("lorafit: error: --storage postgresql+psycopg2://u:***@127.0.0.1")
     assert p.stderr.count("\n") == 1 and "secret" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "lorafit", "sweep", "-c", str(base_yaml), "--search", "optuna", "--trials", "1",
-                        "--space", str(space), "--storage", "sqlite:///x.db", "-o", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "sweep",
+            "-c",
+            str(base_yaml),
+            "--search",
+            "optuna",
+            "--trials",
+            "1",
+            "--space",
+            str(space),
+            "--storage",
+            "sqlite:///x.db",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2 and "--storage needs --study NAME" in p.stderr and p.stderr.count("\n") == 1

@@ -15,9 +15,19 @@ from lorafit.errors import LorafitError
 from lorafit.experiments.points import expand, parse_grid_arg, point_name, read_points_file
 from lorafit.runs import is_complete
 
-TINY = ["model.max_length=32", "lora.r=4", "lora.alpha=8", "lora.target_modules=[query,value]", "train.batch_size=16",
-        "eval.batch_size=32", "train.max_steps=2", "eval.every=1", "train.precision=fp32", "train.lr=5e-3",
-        "data.val_fraction=0.2"]
+TINY = [
+    "model.max_length=32",
+    "lora.r=4",
+    "lora.alpha=8",
+    "lora.target_modules=[query,value]",
+    "train.batch_size=16",
+    "eval.batch_size=32",
+    "train.max_steps=2",
+    "eval.every=1",
+    "train.precision=fp32",
+    "train.lr=5e-3",
+    "data.val_fraction=0.2",
+]
 
 
 def tiny_args(model_dir, data_csv, *extra):
@@ -39,7 +49,10 @@ def read_csv(path: Path) -> list[dict]:
 def test_grid_values_are_yaml_items():
     assert parse_grid_arg("lora.r=2,4,8") == ("lora.r", [2, 4, 8])
     assert parse_grid_arg("train.lr=1e-4,2e-4") == ("train.lr", [1e-4, 2e-4])
-    assert parse_grid_arg("lora.target_modules=[query,value],[query,key,value]") == ("lora.target_modules", [["query", "value"], ["query", "key", "value"]])
+    assert parse_grid_arg("lora.target_modules=[query,value],[query,key,value]") == (
+        "lora.target_modules",
+        [["query", "value"], ["query", "key", "value"]],
+    )
     with pytest.raises(LorafitError, match="expected KEY=V1,V2"):
         parse_grid_arg("lora.r")
     points = expand([{"lora.use_dora": True}, {"lora.use_dora": False}], {"lora.r": [2, 4]})
@@ -47,7 +60,9 @@ def test_grid_values_are_yaml_items():
     with pytest.raises(LorafitError, match="both by a point and by the grid"):
         expand([{"lora.r": 2}], {"lora.r": [4]})
     # folder names: readable, stable, and different for different values
-    assert point_name({"lora.r": 4, "lora.target_modules": ["query", "value"]}).startswith("r=4_target_modules=query+value-")
+    assert point_name({"lora.r": 4, "lora.target_modules": ["query", "value"]}).startswith(
+        "r=4_target_modules=query+value-"
+    )
     assert point_name({"lora.r": 4}) == point_name({"lora.r": 4}) != point_name({"lora.r": 8})
 
 
@@ -65,11 +80,20 @@ def test_sweep_files(tmp_path):
         read_points_file(f)
 
 
-def test_grid_sweep_skips_over_budget_points_first_and_resumes_without_retraining(tiny_bert, small_csv, tmp_path, capsys):
+def test_grid_sweep_skips_over_budget_points_first_and_resumes_without_retraining(
+    tiny_bert, small_csv, tmp_path, capsys
+):
     out = tmp_path / "sweeps" / "g"
     # r=4 on query,key,value,dense (3,972) is over a 3,000 budget; the other three points fit
-    args = [*tiny_args(tiny_bert, small_csv, "budget.max_trainable=3000"), "--grid", "lora.r=2,4",
-            "--grid", "lora.target_modules=[query,value],[query,key,value,dense]", "-o", str(out)]
+    args = [
+        *tiny_args(tiny_bert, small_csv, "budget.max_trainable=3000"),
+        "--grid",
+        "lora.r=2,4",
+        "--grid",
+        "lora.target_modules=[query,value],[query,key,value,dense]",
+        "-o",
+        str(out),
+    ]
     code, stdout, _ = sweep(capsys, *args)
     assert code == 0
     head, _, rest = stdout.partition("===")
@@ -81,7 +105,16 @@ def test_grid_sweep_skips_over_budget_points_first_and_resumes_without_retrainin
 
     rows = read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["done", "done", "done", "over budget"]
-    assert set(rows[0]) >= {"lora.r", "lora.target_modules", "trainable", "best_val_loss", "val_accuracy", "epochs", "wall_s", "runs"}
+    assert set(rows[0]) >= {
+        "lora.r",
+        "lora.target_modules",
+        "trainable",
+        "best_val_loss",
+        "val_accuracy",
+        "epochs",
+        "wall_s",
+        "runs",
+    }
     losses = [float(r["best_val_loss"]) for r in rows[:3]]
     assert losses == sorted(losses)
     assert rows[3]["trainable"] == "3972" and rows[3]["best_val_loss"] == ""
@@ -102,7 +135,18 @@ def test_grid_sweep_skips_over_budget_points_first_and_resumes_without_retrainin
 
 def test_seeds_repeat_each_point_and_tables_show_mean_and_std(tiny_bert, small_csv, tmp_path, capsys):
     out = tmp_path / "s"
-    code, stdout, _ = sweep(capsys, *tiny_args(tiny_bert, small_csv), "--grid", "lora.r=2", "--seeds", "2", "--metric", "val_accuracy", "-o", str(out))
+    code, stdout, _ = sweep(
+        capsys,
+        *tiny_args(tiny_bert, small_csv),
+        "--grid",
+        "lora.r=2",
+        "--seeds",
+        "2",
+        "--metric",
+        "val_accuracy",
+        "-o",
+        str(out),
+    )
     assert code == 0
     assert sorted(p.name[-3:] for p in out.iterdir() if p.is_dir()) == ["s42", "s43"]
     (row,) = read_csv(out / "results.csv")
@@ -159,16 +203,19 @@ def test_an_interrupted_point_continues_from_its_checkpoint(tiny_bert, small_csv
     assert is_complete(folder) and [r["status"] for r in read_csv(out / "results.csv")] == ["done"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--grid", "lora.rank=2,4"], "unknown key(s) 'lora.rank' (did you mean 'lora.r'?)"),
-    (["--grid", "lora.dropout=0.1,1.5"], "1 of 2 sweep point(s) are invalid: sweep point dropout=1.5"),
-    (["--grid", "lora.target_modules=[q_proj]"], "not found in bert"),
-    ([], "nothing to sweep"),
-    (["--grid", "lora.r=2", "--search", "optuna"], "does not combine with --grid"),
-    (["--grid", "lora.r=2", "--trials", "3"], "--trials only apply with --search optuna"),
-    (["--grid", "lora.r=2", "--seeds", "2", "--grid", "train.seed=1,2"], "do not also sweep train.seed"),
-    (["--plan", "missing.yaml"], "config file missing.yaml not found"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "lora.rank=2,4"], "unknown key(s) 'lora.rank' (did you mean 'lora.r'?)"),
+        (["--grid", "lora.dropout=0.1,1.5"], "1 of 2 sweep point(s) are invalid: sweep point dropout=1.5"),
+        (["--grid", "lora.target_modules=[q_proj]"], "not found in bert"),
+        ([], "nothing to sweep"),
+        (["--grid", "lora.r=2", "--search", "optuna"], "does not combine with --grid"),
+        (["--grid", "lora.r=2", "--trials", "3"], "--trials only apply with --search optuna"),
+        (["--grid", "lora.r=2", "--seeds", "2", "--grid", "train.seed=1,2"], "do not also sweep train.seed"),
+        (["--plan", "missing.yaml"], "config file missing.yaml not found"),
+    ],
+)
 def test_user_errors_are_one_line_and_nothing_is_written(tiny_bert, small_csv, tmp_path, capsys, args, message):
     out = tmp_path / "bad"
     code, _, err = sweep(capsys, *tiny_args(tiny_bert, small_csv), *args, "-o", str(out))
@@ -180,15 +227,32 @@ def test_user_errors_are_one_line_and_nothing_is_written(tiny_bert, small_csv, t
 def test_a_sweep_folder_keeps_its_base_config(tiny_bert, small_csv, tmp_path, capsys):
     out = tmp_path / "b"
     # the only point is over budget: nothing trains, but the folder records its base config
-    code, stdout, _ = sweep(capsys, *tiny_args(tiny_bert, small_csv, "budget.max_trainable=10"), "--grid", "lora.r=2", "-o", str(out))
+    code, stdout, _ = sweep(
+        capsys, *tiny_args(tiny_bert, small_csv, "budget.max_trainable=10"), "--grid", "lora.r=2", "-o", str(out)
+    )
     assert code == 0 and "1 over budget" in stdout and (out / "sweep.yaml").exists()
-    code, _, err = sweep(capsys, *tiny_args(tiny_bert, small_csv, "budget.max_trainable=10", "lora.dropout=0.3"), "--grid", "lora.r=2", "-o", str(out))
+    code, _, err = sweep(
+        capsys,
+        *tiny_args(tiny_bert, small_csv, "budget.max_trainable=10", "lora.dropout=0.3"),
+        "--grid",
+        "lora.r=2",
+        "-o",
+        str(out),
+    )
     assert code == 2 and "different base config (lora.dropout: 0.1 -> 0.3)" in err and err.count("\n") == 1
 
 
 def test_dry_run_lists_points_and_trains_nothing(tiny_bert, small_csv, tmp_path, capsys):
     out = tmp_path / "d"
-    code, stdout, _ = sweep(capsys, *tiny_args(tiny_bert, small_csv, "budget.max_trainable=1000"), "--grid", "lora.r=2,4", "--dry-run", "-o", str(out))
+    code, stdout, _ = sweep(
+        capsys,
+        *tiny_args(tiny_bert, small_csv, "budget.max_trainable=1000"),
+        "--grid",
+        "lora.r=2,4",
+        "--dry-run",
+        "-o",
+        str(out),
+    )
     assert code == 0 and "2 point(s) x 1 seed(s), 1 over budget" in stdout
     assert "644 trainable" in stdout and "over budget, skipped" in stdout
     assert not out.exists()
@@ -197,9 +261,25 @@ def test_dry_run_lists_points_and_trains_nothing(tiny_bert, small_csv, tmp_path,
 @pytest.mark.slow
 def test_two_by_two_grid_on_the_embedded_minilm_finishes_and_a_rerun_trains_nothing(tmp_path):
     out = tmp_path / "sweeps" / "minilm"
-    cmd = [sys.executable, "-m", "lorafit", "sweep", "--set", "data.max_train_samples=200", "--set", "data.val_fraction=0.02",
-           "--set", "train.max_steps=5", "--grid", "lora.r=2,4", "--grid", "lora.alpha=8,16", "-o", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "sweep",
+        "--set",
+        "data.max_train_samples=200",
+        "--set",
+        "data.val_fraction=0.02",
+        "--set",
+        "train.max_steps=5",
+        "--grid",
+        "lora.r=2,4",
+        "--grid",
+        "lora.alpha=8,16",
+        "-o",
+        str(out),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=540)  # under the per-test 600 s
     assert p.returncode == 0, p.stderr[-3000:]
     assert "4 point(s) x 1 seed(s); 0 over budget (skipped), 0 run(s) finished earlier, 4 to train" in p.stdout
     rows = read_csv(out / "results.csv")

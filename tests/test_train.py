@@ -11,38 +11,49 @@ import pytest
 import torch
 import yaml
 
-from lorafit.config import load_config
 from lorafit.batching import encode, predict_logits
+from lorafit.config import load_config
 from lorafit.inference.loaded import load_run
 from lorafit.training.recipe import evaluate, final_metrics, run, save, setup, train
 
 
 def tiny_cfg(model_dir, data_csv, *extra):
-    return load_config(None, [
-        f"model.name={model_dir}",
-        f"data.source={data_csv}",
-        f"data.test_source={data_csv}",
-        "model.max_length=32",
-        "lora.r=4",
-        "lora.alpha=8",
-        "lora.target_modules=[query,value]",
-        "train.batch_size=16",
-        "eval.batch_size=32",
-        "train.max_steps=6",
-        "eval.every=2",
-        "train.precision=fp32",
-        "train.lr=5e-3",
-        "data.val_fraction=0.2",
-        "speed.num_threads=1",  # tiny matmuls gain nothing from two threads and lose a lot on a busy machine
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.source={data_csv}",
+            f"data.test_source={data_csv}",
+            "model.max_length=32",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.target_modules=[query,value]",
+            "train.batch_size=16",
+            "eval.batch_size=32",
+            "train.max_steps=6",
+            "eval.every=2",
+            "train.precision=fp32",
+            "train.lr=5e-3",
+            "data.val_fraction=0.2",
+            "speed.num_threads=1",  # tiny matmuls gain nothing from two threads and lose a lot on a busy machine
+            *extra,
+        ],
+    )
 
 
 def test_run_folder_has_every_artifact(tiny_bert, small_csv, tmp_path):
     out = tmp_path / "run"
     res = run(tiny_cfg(tiny_bert, small_csv), out)
-    for name in ("config.yaml", "history.jsonl", "metrics.json", "labels.json", "budget.json",
-                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "history.jsonl",
+        "metrics.json",
+        "labels.json",
+        "budget.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "tokenizer/tokenizer.json",
+    ):
         assert (out / name).exists(), name
     assert not list(tmp_path.glob(".*partial"))
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -55,18 +66,26 @@ def test_run_folder_has_every_artifact(tiny_bert, small_csv, tmp_path):
         assert np.sum(m["confusion_matrix"]) == m["samples"]
     assert metrics["val"]["samples"] == 48  # 20% of 240, stratified
     budget = json.loads((out / "budget.json").read_text())
-    assert budget["total"] == metrics["training"]["trainable_parameters"] == res.metrics["training"]["trainable_parameters"]
+    assert (
+        budget["total"]
+        == metrics["training"]["trainable_parameters"]
+        == res.metrics["training"]["trainable_parameters"]
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lora"]["target_modules"] == ["query", "value"]
     assert json.loads((out / "labels.json").read_text()) == ["0", "1", "2", "3"]
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian", "lora.dropout=0.3"],
-    ["lora.init=pissa", "lora.dropout=0"],
-    ["model.head=linear", "lora.bias=lora_only"],
-], ids=["lora", "dora-rslora-gaussian", "pissa", "linear-head-bias"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["lora.use_dora=true", "lora.use_rslora=true", "lora.init=gaussian", "lora.dropout=0.3"],
+        ["lora.init=pissa", "lora.dropout=0"],
+        ["model.head=linear", "lora.bias=lora_only"],
+    ],
+    ids=["lora", "dora-rslora-gaussian", "pissa", "linear-head-bias"],
+)
 def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_path, extra):
     cfg = tiny_cfg(tiny_bert, small_csv, *extra)
     s = setup(cfg)
@@ -85,8 +104,14 @@ def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_
 
 def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
     # a threshold no evaluation can beat: the first evaluation stays best, training stops after `patience` more
-    cfg = tiny_cfg(tiny_bert, small_csv, "train.max_steps=40", "eval.every=1",
-                   "eval.early_stopping.patience=2", "eval.early_stopping.threshold=100")
+    cfg = tiny_cfg(
+        tiny_bert,
+        small_csv,
+        "train.max_steps=40",
+        "eval.every=1",
+        "eval.early_stopping.patience=2",
+        "eval.early_stopping.threshold=100",
+    )
     s = setup(cfg)
     res = train(s)
     assert res.stopped_early and res.steps == 3 and res.best_step == 1
@@ -96,8 +121,15 @@ def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant", "reduce_on_plateau"])
 def test_schedules_warm_up_then_follow_their_shape(tiny_bert, small_csv, scheduler):
-    cfg = tiny_cfg(tiny_bert, small_csv, f"train.scheduler={scheduler}", "train.max_steps=10",
-                   "eval.every=1", "train.warmup_ratio=0.2", "eval.early_stopping.patience=0")
+    cfg = tiny_cfg(
+        tiny_bert,
+        small_csv,
+        f"train.scheduler={scheduler}",
+        "train.max_steps=10",
+        "eval.every=1",
+        "train.warmup_ratio=0.2",
+        "eval.early_stopping.patience=0",
+    )
     res = train(setup(cfg))
     lrs = [h["lr"] for h in res.history]
     peak = 5e-3
@@ -145,6 +177,7 @@ def test_a_time_limit_ends_the_schedule_at_the_deadline(scheduler):
 def test_same_seed_gives_the_same_metrics(tiny_bert, small_csv):
     """CPU fp32: split, initialisation, batch order and LoRA dropout all follow train.seed, so two runs agree
     exactly (history, final metrics, every trained weight); another seed gives another run."""
+
     def trained(*extra):
         s = setup(tiny_cfg(tiny_bert, small_csv, "lora.dropout=0.3", *extra))
         res = train(s)
@@ -163,8 +196,20 @@ def test_same_seed_gives_the_same_metrics(tiny_bert, small_csv):
 
 def test_over_budget_stops_before_training(tiny_bert, small_csv, tmp_path):
     cfg = [f"model.name={tiny_bert}", f"data.source={small_csv}", "budget.max_trainable=100"]
-    p = subprocess.run([sys.executable, "-m", "lorafit", "train", *sum((["--set", c] for c in cfg), []), "-o", str(tmp_path / "runs" / "r")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "train",
+            *sum((["--set", c] for c in cfg), []),
+            "-o",
+            str(tmp_path / "runs" / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 3
     assert "OVER BUDGET" in p.stdout and "lora_A" in p.stdout
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("lorafit: error:")
@@ -175,15 +220,41 @@ def test_over_budget_stops_before_training(tiny_bert, small_csv, tmp_path):
 def test_embedded_minilm_learns_and_eval_cli_matches(tmp_path):
     """The real embedded MiniLM on 480 AG News rows: well above chance, and `lorafit eval` agrees."""
     out = tmp_path / "run"
-    args = ["--set", "data.max_train_samples=480", "--set", "train.max_steps=30", "--set", "train.lr=2e-3",
-            "--set", "data.test_source=builtin:ag_news_sample_test", "-o", str(out)]
-    p = subprocess.run([sys.executable, "-m", "lorafit", "train", *args], capture_output=True, text=True)
+    args = [
+        "--set",
+        "data.max_train_samples=480",
+        "--set",
+        "train.max_steps=30",
+        "--set",
+        "train.lr=2e-3",
+        "--set",
+        "data.test_source=builtin:ag_news_sample_test",
+        "-o",
+        str(out),
+    ]
+    p = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *args], capture_output=True, text=True, timeout=540
+    )  # under the per-test 600 s
     assert p.returncode == 0, p.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] > 0.6 and metrics["test"]["accuracy"] > 0.6
     assert f"accuracy: {metrics['val']['accuracy']:.4f}" in p.stdout
-    q = subprocess.run([sys.executable, "-m", "lorafit", "eval", str(out), "--data", "builtin:ag_news_sample_test",
-                        "--json", str(tmp_path / "m.json")], capture_output=True, text=True)
+    q = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorafit",
+            "eval",
+            str(out),
+            "--data",
+            "builtin:ag_news_sample_test",
+            "--json",
+            str(tmp_path / "m.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert q.returncode == 0, q.stderr[-2000:]
     again = json.loads((tmp_path / "m.json").read_text())
     # eval runs the merged, packed model; training scored the unmerged one: in bf16 a borderline row may flip
