@@ -125,6 +125,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Two steps, an evaluation after each: the cheapest run a sweep or search test can prune or compare
+# (tests/test_sweep.py, tests/test_search.py).
+TINY_SWEEP_SETTINGS = [
+    "model.max_length=32",
+    "lora.r=4",
+    "lora.alpha=8",
+    "lora.target_modules=[query,value]",
+    "train.batch_size=16",
+    "eval.batch_size=32",
+    "train.max_steps=2",
+    "eval.every=1",
+    "train.precision=fp32",
+    "train.lr=5e-3",
+    "data.val_fraction=0.2",
+]
+
 TINY_RUN_SETTINGS = [  # a few fp32 steps on the tiny BERT: seconds, yet a real run folder
     "model.max_length=32",
     "lora.r=4",

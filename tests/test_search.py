@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_SWEEP_SETTINGS
 from lorafit.config import load_config
 from lorafit.errors import LorafitError
 from lorafit.experiments.search import read_space, run_search
@@ -22,19 +23,7 @@ from lorafit.experiments.search import read_space, run_search
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
-TINY = [
-    "model.max_length=32",
-    "lora.r=4",
-    "lora.alpha=8",
-    "lora.target_modules=[query,value]",
-    "train.batch_size=16",
-    "eval.batch_size=32",
-    "train.max_steps=2",
-    "eval.every=1",
-    "train.precision=fp32",
-    "train.lr=5e-3",
-    "data.val_fraction=0.2",
-]
+TINY = TINY_SWEEP_SETTINGS
 SPACE = """\
 lora.r: [2, 4]
 train.lr: {low: 1.0e-3, high: 1.0e-2, log: true}

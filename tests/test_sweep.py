@@ -10,24 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_SWEEP_SETTINGS
 from lorafit import cli
 from lorafit.errors import LorafitError
 from lorafit.experiments.points import expand, parse_grid_arg, point_name, read_points_file
 from lorafit.runs import is_complete
 
-TINY = [
-    "model.max_length=32",
-    "lora.r=4",
-    "lora.alpha=8",
-    "lora.target_modules=[query,value]",
-    "train.batch_size=16",
-    "eval.batch_size=32",
-    "train.max_steps=2",
-    "eval.every=1",
-    "train.precision=fp32",
-    "train.lr=5e-3",
-    "data.val_fraction=0.2",
-]
+TINY = TINY_SWEEP_SETTINGS
 
 
 def tiny_args(model_dir, data_csv, *extra):
