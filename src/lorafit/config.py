@@ -516,11 +516,11 @@ def flatten(config: dict) -> dict[str, Any]:
     return out
 
 
-def differing_keys(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """The keys two configs (any version's layout) set differently; keys only one of them has are ignored, since a
-    newer lorafit adds keys with defaults."""
+def config_changes(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """The keys two configs (any version's layout) set differently, sorted, each with (old value, new value); keys
+    only one of them has are ignored, since a newer lorafit adds keys with defaults."""
     a, b = flatten(migrate(old)), flatten(migrate(new))
-    return [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and k not in ignore]
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k] and k not in ignore}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ..config import Config
 from ..errors import LorafitError
 from .points import Point, describe, get_key, resolve_points
 from .sweep_folder import check_base, lock, log, run_one, with_seed
-from .tables import FIELDS, Row, aggregate, lower_is_better, read_record, sort_rows, write_tables
+from .tables import FIELDS, Row, aggregate, read_record, write_tables
 
 
 def table_keys(points: list[Point]) -> list[str]:
@@ -95,8 +95,7 @@ def run_grid(
                 log(f"lorafit: run failed: {e}")
 
         rows, keys = _rows(points, out, failures)
-        title = f"sweep {out.name}: {len(points)} points x {seeds} seed(s), sorted by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
-        md = write_tables(out, sort_rows(rows, metric), keys, metric, title, seeds)
+        md = write_tables(out, rows, keys, metric, f"sweep {out.name}: {len(points)} points x {seeds} seed(s)", seeds)
     log("\n" + md)
     log(
         f"sweep done: {len(todo) - len(failures)} run(s) trained, {finished} finished earlier, {len(skipped)} over budget, "

@@ -86,9 +86,8 @@ def _compact(value: Any) -> str:
     if isinstance(value, list):
         return "+".join(_compact(v) for v in value)
     if isinstance(value, dict):
-        return (
-            "+".join(_compact(v) for v in value.values()) or "none"
-        )  # regex keys make poor names; the hash tells them apart
+        # regex keys make poor names; the hash tells them apart
+        return "+".join(_compact(v) for v in value.values()) or "none"
     return flow(value)
 
 

@@ -17,7 +17,7 @@ from ..config import Config, read_yaml
 from ..errors import LorafitError
 from .points import Skeletons, apply_point, check_keys, describe, flow
 from .sweep_folder import check_base, config_difference, lock, log, run_one, with_seed
-from .tables import FIELDS, METRICS, Row, aggregate, lower_is_better, sort_rows, write_tables
+from .tables import FIELDS, METRICS, Row, aggregate, lower_is_better, write_tables
 
 
 @dataclass
@@ -343,8 +343,7 @@ def run_search(
         if have < trials:
             study.optimize(objective, n_trials=None, callbacks=[enough], catch=(_Surplus, _Failed), gc_after_trial=True)
         rows, keys = search_rows(study, dims)
-        title = f"search {name}: {trials} trials x {seeds} seed(s), sorted by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
-        md = write_tables(out, sort_rows(rows, metric), keys, metric, title, seeds)
+        md = write_tables(out, rows, keys, metric, f"search {name}: {trials} trials x {seeds} seed(s)", seeds)
     log("\n" + md)
     log(
         f"search done: this worker trained {len(objective.ran)} trial(s) {objective.ran} in {time.perf_counter() - start:.0f}s; the study has "

@@ -20,7 +20,7 @@ import yaml
 
 from .. import runs
 from ..atomic import atomic_write_text
-from ..config import Config, differing_keys, flatten, migrate
+from ..config import Config, config_changes
 from ..errors import LorafitError
 from ..training.recipe import run
 from .points import flow
@@ -42,8 +42,7 @@ def lock(out: Path):
 
 def config_difference(old: dict, new: dict) -> str:
     """The keys two resolved configs (any version's layout) set differently, '' when none."""
-    a, b = flatten(migrate(old)), flatten(migrate(new))
-    diffs = [f"{k}: {flow(a[k])} -> {flow(b[k])}" for k in differing_keys(old, new)]
+    diffs = [f"{k}: {flow(a)} -> {flow(b)}" for k, (a, b) in config_changes(old, new).items()]
     return "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
 
 

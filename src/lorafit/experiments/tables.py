@@ -90,7 +90,10 @@ def _fmt(field: str, mean, std) -> str:
 
 
 def write_tables(out: Path, rows: list[Row], keys: list[str], metric: str, title: str, seeds: int) -> str:
-    """results.csv (means, and *_std columns with several seeds) and results.md; returns the markdown."""
+    """results.csv (means, and *_std columns with several seeds) and results.md, rows sorted by `metric` and the
+    title saying so; returns the markdown."""
+    rows = sort_rows(rows, metric)
+    title = f"{title}, sorted by {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)"
     fields = [f for f in FIELDS if f != "val_macro_f1" or metric == "val_macro_f1"]
     if all(r.values["test_accuracy"][0] is None for r in rows):
         fields.remove("test_accuracy")

@@ -225,9 +225,8 @@ def _first_token_forward(
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     dropout = att.dropout.p if self.training else 0.0
-    if (
-        dropout == 0.0 and ATTENTIONS.get(att.config._attn_implementation, (False, False))[1]
-    ):  # the kernel, where it applies
+    # the kernel, where it applies
+    if dropout == 0.0 and ATTENTIONS.get(att.config._attn_implementation, (False, False))[1]:
         ctx = lorafit_attention(att, q, k, v, mask, 0.0, att.scaling, cheap_dropout=False, kernel=True)[0]
     else:
         ctx = torch.nn.functional.scaled_dot_product_attention(
@@ -273,9 +272,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(
-            self.packed_weight.dtype
-        )  # under autocast, what F.linear's input would be cast to
+        # under autocast, what F.linear's input would be cast to
+        x = x.reshape(-1, shape[-1]).to(self.packed_weight.dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.attr, [], self.algorithm)
         return y.view(*shape[:-1], self.out_features)
 
@@ -301,9 +299,8 @@ def pack_linear_layers(model: nn.Module) -> int:
     n = 0
     for m in list(model.modules()):
         act = getattr(m, "intermediate_act_fn", None)
-        fusable = (
-            type(act) is GELUActivation and act.act is torch.nn.functional.gelu
-        )  # BERT/RoBERTa's intermediate: dense, then GELU
+        # BERT/RoBERTa's intermediate: dense, then GELU
+        fusable = type(act) is GELUActivation and act.act is torch.nn.functional.gelu
         for name, child in list(m.named_children()):
             if _can_pack(child):
                 gelu = fusable and name == "dense"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write, fsync_dir
-from ..config import RESUME_OVERRIDES, differing_keys, migrate_saved
+from ..config import RESUME_OVERRIDES, config_changes, migrate_saved
 from ..errors import LorafitError
 from ..runs import CHECKPOINTS
 
@@ -84,7 +84,7 @@ def restore(state: TrainingState, saved: dict, config: dict, device) -> float | 
     """Load a checkpoint into the freshly set-up weights, optimizer and schedule (the RNG is restored by the caller,
     last). Returns the lr the checkpoint was trained with when `config` asks for another one, else None."""
     saved_config = migrate_saved(saved["config"])
-    changed = differing_keys(saved_config, config, ignore=RESUME_OVERRIDES)
+    changed = list(config_changes(saved_config, config, ignore=RESUME_OVERRIDES))
     if changed:
         raise LorafitError(
             f"{saved['path']} was written with a different config ({', '.join(changed[:5])} differ); resume with the run's own config.yaml or start a new run"

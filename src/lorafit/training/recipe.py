@@ -110,9 +110,8 @@ def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
             progress if s.dist.main else None,
         )
 
-    logits = (
-        s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)
-    )  # several processes: each scores a share
+    # several processes: each scores a share
+    logits = s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)
     return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits}
 
 
@@ -167,9 +166,8 @@ class Loop:
     def __init__(self, s: Setup, history_path: Path | None, on_eval, checkpoints: Checkpoints | None):
         self.s, self.history_path, self.on_eval, self.checkpoints = s, history_path, on_eval, checkpoints
         t, d = s.cfg.train, s.dist
-        self.global_batch = (
-            t.batch_size * d.world
-        )  # the rows of one forward pass over all processes; each process takes its share
+        # the rows of one forward pass over all processes; each process takes its share
+        self.global_batch = t.batch_size * d.world
         self.steps_per_epoch = math.ceil(math.ceil(len(s.train_enc) / self.global_batch) / t.grad_accum)
         self.total = t.max_steps or max(1, math.ceil(self.steps_per_epoch * t.epochs))
         every = s.cfg.eval.every
@@ -247,16 +245,15 @@ class Loop:
         """One optimizer step over a group of grad_accum batches (each split across the processes)."""
         s, st, d, t = self.s, self.state, self.s.dist, self.s.cfg.train
         p, params = st.progress, list(st.trainable.values())
+        rows = sum(len(b) for b in group)
         for index in group:
             local = d.shard(index)  # one process: the whole batch
             loss = _batch_loss(s, local) if len(local) else None
             value = d.global_mean(loss.item() if loss is not None else 0.0, len(local), len(index))
             if not math.isfinite(value):  # stop before the optimizer spreads it into the weights
                 raise _numerical_fault(s, "training loss", value, p.step + 1, epoch, self.checkpoints)
-            if (
-                loss is not None
-            ):  # weighted by its share of all rows: the summed gradients are the mean over the global batch
-                (loss * (len(local) / sum(len(b) for b in group))).backward()
+            if loss is not None:  # weighted by its share of all rows: the summed gradients are the global batch's mean
+                (loss * (len(local) / rows)).backward()
             p.run_loss += value * len(index)
             p.run_n += len(index)
         d.sum_grads(params)
@@ -269,11 +266,10 @@ class Loop:
         if s.device.type == "cpu" and (p.step + 1) % TRIM_EVERY == 0:
             release_free_memory()
         now = self.elapsed
-        st.schedule.step(
-            d.from_main(now) if t.max_seconds else now
-        )  # a time-limited schedule follows rank 0's clock everywhere
+        # a time-limited schedule follows rank 0's clock everywhere
+        st.schedule.step(d.from_main(now) if t.max_seconds else now)
         p.step += 1
-        p.seen += sum(len(b) for b in group)
+        p.seen += rows
 
     def evaluate(self, epoch: int, frac_epoch: float) -> None:
         """Score validation, record the history row, keep the best weights, decide on early stopping."""
@@ -321,9 +317,8 @@ class Loop:
         due = self.checkpoints.due(p.step) if self.checkpoints is not None else bool(every) and p.step % every == 0
         if (self.checkpoints is None and not d.active) or not (p.done or end_of_epoch or due):
             return
-        rngs = (
-            d.all_gather_object(rng_state()) if d.active else None
-        )  # every process takes part; only rank 0 holds `checkpoints`
+        # every process takes part; only rank 0 holds `checkpoints`
+        rngs = d.all_gather_object(rng_state()) if d.active else None
         if self.checkpoints is not None:
             now = TrainingState(
                 st.optimizer, st.schedule, st.trainable, replace(p, elapsed=self.elapsed), st.result, st.best
@@ -342,9 +337,10 @@ class Loop:
         try:
             while not p.done:
                 epoch = p.epoch
+                # the same on every process
                 batches = train_batches(
                     s.train_enc.lengths, self.global_batch, t.seed, epoch, s.cfg.speed.group_by_length
-                )  # the same on every process
+                )
                 for i in range(p.batch, len(batches), t.grad_accum):
                     group = batches[i : i + t.grad_accum]
                     self.step(group, epoch)
