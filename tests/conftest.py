@@ -125,36 +125,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Two steps, an evaluation after each: the cheapest run a sweep or search test can prune or compare
-# (tests/test_sweep.py, tests/test_search.py).
-TINY_SWEEP_SETTINGS = [
+# The tiny BERT's adapter and optimisation in fp32; each use adds its own number of steps and evaluations.
+TINY_SETTINGS = [
     "model.max_length=32",
     "lora.r=4",
     "lora.alpha=8",
     "lora.target_modules=[query,value]",
     "train.batch_size=16",
     "eval.batch_size=32",
-    "train.max_steps=2",
-    "eval.every=1",
     "train.precision=fp32",
     "train.lr=5e-3",
     "data.val_fraction=0.2",
 ]
-
-TINY_RUN_SETTINGS = [  # a few fp32 steps on the tiny BERT: seconds, yet a real run folder
-    "model.max_length=32",
-    "lora.r=4",
-    "lora.alpha=8",
-    "lora.target_modules=[query,value]",
-    "train.batch_size=16",
-    "eval.batch_size=32",
-    "train.max_steps=12",
-    "eval.every=4",
-    "train.precision=fp32",
-    "train.lr=5e-3",
-    "data.val_fraction=0.2",
-    "speed.num_threads=1",  # one thread: tiny matmuls gain nothing from two, and lose a lot on a busy machine
-]
+# two steps, an evaluation after each: the cheapest run a sweep or search test can prune or compare
+TINY_SWEEP_SETTINGS = [*TINY_SETTINGS, "train.max_steps=2", "eval.every=1"]
+# a few steps: seconds, yet a real run folder; one thread: tiny matmuls gain nothing from two, and lose a lot on a
+# busy machine
+TINY_RUN_SETTINGS = [*TINY_SETTINGS, "train.max_steps=12", "eval.every=4", "speed.num_threads=1"]
 
 
 @pytest.fixture(scope="session")

@@ -483,9 +483,8 @@ def config_dicts(draw):
                     {}, optional={"patience": st.integers(-2, 5), "metric": st.sampled_from(["val_loss", "acc"])}
                 )
             )
-            out[section][key] = draw(
-                st.one_of(plausible, plausible, plausible, values)
-            )  # mostly sensible: some configs pass
+            # mostly sensible: some configs pass
+            out[section][key] = draw(st.one_of(plausible, plausible, plausible, values))
     return out
 
 

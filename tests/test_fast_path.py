@@ -234,15 +234,13 @@ def test_lorafit_attention_is_sdpa_when_nothing_is_dropped():
     pad = torch.ones(b, t, dtype=torch.long)
     pad[0, 4:] = 0
     pad[2, 2:] = 0
-    mask = pad.bool()[:, None, None, :].expand(
-        b, 1, t, t
-    )  # what transformers' sdpa_mask gives an encoder: True = attend
+    # what transformers' sdpa_mask gives an encoder: True = attend
+    mask = pad.bool()[:, None, None, :].expand(b, 1, t, t)
     module = torch.nn.Module()
     module.is_causal = False
     want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=d**-0.5)
-    got, _ = lorafit_attention(
-        module, q, k, v, mask, dropout=1e-9, scaling=d**-0.5
-    )  # takes the dropout path, drops nothing
+    # takes the dropout path, drops nothing
+    got, _ = lorafit_attention(module, q, k, v, mask, dropout=1e-9, scaling=d**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -326,9 +324,8 @@ def test_packed_linear_computes_the_linear_layer(gelu, one_thread):
     want = torch.nn.functional.gelu(want) if gelu else want
     got = PackedLinear(lin, gelu=gelu)(x)
     assert got.shape == (3, 7, 48) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(
-        got.float(), want, rtol=2**-7, atol=2e-2
-    )  # one bf16 rounding of an fp32-accumulated result
+    # one bf16 rounding of an fp32-accumulated result
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=2e-2)
     # a non-contiguous fp32 input (under autocast, the layer norm's output; the first-token slice) is cast like F.linear's
     torch.testing.assert_close(PackedLinear(lin)(x.float()[:, :1]), PackedLinear(lin)(x[:, :1]))
 
@@ -339,18 +336,16 @@ def test_packed_prediction_matches_unpacked_and_is_switchable(tiny_bert, small_c
 
     run(_tiny(tiny_bert, small_csv, "train.precision=bf16"), tmp_path / "r")
     packed = load_run(tmp_path / "r", merge=True)
-    assert not any(
-        isinstance(m, PackedLinear) for m in load_run(tmp_path / "r").model.modules()
-    )  # unmerged (export): never
+    # unmerged (export): never
+    assert not any(isinstance(m, PackedLinear) for m in load_run(tmp_path / "r").model.modules())
     config = tmp_path / "r" / "config.yaml"
     config.write_text(config.read_text().replace("pack_weights: true", "pack_weights: false"))
     plain = load_run(tmp_path / "r", merge=True)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     n_linear = sum(type(m) is torch.nn.Linear for m in plain.model.modules())  # q, k, v, outputs, FFN, pooler, head
     assert n_linear and sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == n_linear
-    assert (
-        sum(m.attr == "gelu" for m in packed.model.modules() if isinstance(m, PackedLinear)) == 2
-    )  # one FFN per layer
+    # one FFN per layer
+    assert sum(m.attr == "gelu" for m in packed.model.modules() if isinstance(m, PackedLinear)) == 2
     texts = [f"news item number {i} about markets and games " * (1 + i % 3) for i in range(40)]
     enc = encode(plain.tokenizer, texts, np.zeros(40, dtype=np.int64), 32)
     a = predict_logits(plain.model, enc, 16, plain.tokenizer.pad_token_id, plain.device, plain.dtype)

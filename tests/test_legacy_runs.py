@@ -58,9 +58,8 @@ def test_an_old_run_evaluates_predicts_and_reports(legacy, capsys):
     assert main(["eval", "legacy-complete", "--data", "small.csv", "--json", "eval.json"]) == 0
     scored = json.loads(Path("eval.json").read_text())
     assert scored["samples"] == saved["test"]["samples"] == 240
-    assert (
-        abs(scored["accuracy"] - saved["test"]["accuracy"]) <= 1 / 240
-    )  # merged fp32 logits: a borderline row at most
+    # merged fp32 logits: a borderline row at most
+    assert abs(scored["accuracy"] - saved["test"]["accuracy"]) <= 1 / 240
     assert main(["predict", "legacy-complete", "--input", "small.csv", "--output", "pred.csv"]) == 0
     assert len(Path("pred.csv").read_text().splitlines()) == 241
     assert main(["report", "legacy-complete"]) == 0

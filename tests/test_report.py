@@ -41,9 +41,8 @@ def test_every_run_writes_a_self_contained_report(tiny_run):
     page = (tiny_run / "report.html").read_text(encoding="utf-8")
     pngs = embedded_pngs(page)
     assert len(pngs) == len(PLOTS) == len(re.findall(r"<img ", page))
-    assert sorted(pngs) == sorted(
-        (tiny_run / name).read_bytes() for name in PLOTS.values()
-    )  # the PNGs beside it, embedded
+    # the PNGs beside it, embedded
+    assert sorted(pngs) == sorted((tiny_run / name).read_bytes() for name in PLOTS.values())
     assert all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     # nothing to fetch: no external URL, stylesheet, script or font
     assert not re.search(r"(?:src|href)=\"(?!data:)", page) and "<script" not in page and "url(" not in page

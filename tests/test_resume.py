@@ -100,9 +100,8 @@ def reference(tiny_bert, tmp_path_factory, ag_sample) -> tuple[object, Path]:
     """The config the in-process resume tests interrupt, and its uninterrupted run."""
     folder = tmp_path_factory.mktemp("reference")
     data = folder / "small.csv"
-    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(
-        data, index=False
-    )  # as small_csv
+    # as small_csv
+    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(data, index=False)
     cfg = tiny_cfg(tiny_bert, data, *RESUMABLE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("lorafit.training.recipe.write_run_report", lambda folder: None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import TINY_SETTINGS
 from lorafit.batching import encode, predict_logits
 from lorafit.config import load_config
 from lorafit.inference.loaded import load_run
@@ -18,27 +19,9 @@ from lorafit.training.recipe import evaluate, final_metrics, run, save, setup, t
 
 
 def tiny_cfg(model_dir, data_csv, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name={model_dir}",
-            f"data.source={data_csv}",
-            f"data.test_source={data_csv}",
-            "model.max_length=32",
-            "lora.r=4",
-            "lora.alpha=8",
-            "lora.target_modules=[query,value]",
-            "train.batch_size=16",
-            "eval.batch_size=32",
-            "train.max_steps=6",
-            "eval.every=2",
-            "train.precision=fp32",
-            "train.lr=5e-3",
-            "data.val_fraction=0.2",
-            "speed.num_threads=1",  # tiny matmuls gain nothing from two threads and lose a lot on a busy machine
-            *extra,
-        ],
-    )
+    files = [f"model.name={model_dir}", f"data.source={data_csv}", f"data.test_source={data_csv}"]
+    steps = ["train.max_steps=6", "eval.every=2", "speed.num_threads=1"]
+    return load_config(None, [*files, *TINY_SETTINGS, *steps, *extra])
 
 
 def test_run_folder_has_every_artifact(tiny_bert, small_csv, tmp_path):
@@ -232,9 +215,8 @@ def test_embedded_minilm_learns_and_eval_cli_matches(tmp_path):
         "-o",
         str(out),
     ]
-    p = subprocess.run(
-        [sys.executable, "-m", "lorafit", "train", *args], capture_output=True, text=True, timeout=540
-    )  # under the per-test 600 s
+    # under the per-test 600 s
+    p = subprocess.run([sys.executable, "-m", "lorafit", "train", *args], capture_output=True, text=True, timeout=540)
     assert p.returncode == 0, p.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val"]["accuracy"] > 0.6 and metrics["test"]["accuracy"] > 0.6
