@@ -87,7 +87,6 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@torch.no_grad()
 def predict_logits(
     model: nn.Module,
     enc: Encoded,
@@ -97,11 +96,17 @@ def predict_logits(
     dtype: torch.dtype,
     progress: str | None = None,
 ) -> np.ndarray:
-    """Logits for every row, in input order (batches run longest first, sorted by length)."""
+    """Logits for every row, in input order (batches run longest first, sorted by length).
+
+    A model loaded for inference (in eval mode) runs under inference_mode, which skips autograd's bookkeeping that
+    no_grad still does per op: for an unmerged adapter's many small ops that is a measured third of the time of
+    one text's forward pass. A model evaluated during training runs under no_grad and goes back to training mode:
+    nothing made here may end up in a tensor its training later saves for backward."""
     from tqdm.auto import tqdm
 
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     out = np.zeros((len(enc), model.config.num_labels), dtype=np.float32)
     batches = eval_batches(enc.lengths, batch_size)
     bar = tqdm(
@@ -112,11 +117,13 @@ def predict_logits(
         disable=progress is None or len(enc) < 2 * batch_size,
         dynamic_ncols=True,
     )
-    for index in batches:
-        with autocast(device, dtype):
-            logits = model(**collate(enc, index, pad_id, device)).logits
-        out[index] = logits.float().cpu().numpy()
-        bar.update(len(index))
+    with torch.no_grad() if was_training else torch.inference_mode():
+        for index in batches:
+            with autocast(device, dtype):
+                logits = model(**collate(enc, index, pad_id, device)).logits
+            out[index] = logits.float().cpu().numpy()
+            bar.update(len(index))
     bar.close()
-    model.train(was_training)
+    if was_training:
+        model.train()
     return out

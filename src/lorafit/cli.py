@@ -482,6 +482,76 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def add_serve(sub) -> None:
+    from .serve.app import Limits
+
+    d = Limits()
+    p = sub.add_parser(
+        "serve",
+        help="serve trained runs over HTTP, many on one shared base model (Hugging Face Inference API compatible)",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="a run folder, NAME=RUN to serve it as NAME, or a sweep folder (its finished runs)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", help="a file holding the bearer token every request must send (needed off loopback)")
+    p.add_argument(
+        "--trusted-network",
+        action="store_true",
+        help="listen off loopback without a token: every client there may call",
+    )
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help=f"texts per forward pass (default {d.max_batch})")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=d.max_wait_ms,
+        help=f"how long a request waits for others to batch with (default {d.max_wait_ms:g})",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help=f"texts waiting before requests get 503 (default {d.max_queue})",
+    )
+    p.add_argument("--max-texts", type=int, default=d.max_texts, help=f"texts per request (default {d.max_texts})")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help=f"request body size limit (default {d.max_body_bytes})",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=d.drain_seconds,
+        help=f"on SIGTERM, time for in-flight requests (default {d.drain_seconds:g})",
+    )
+    p.add_argument("--precision", choices=PRECISIONS, help="override the runs' precision")
+    p.add_argument("--threads", type=int, help="compute threads (default: every core)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(a) -> int:
+    from .serve.app import Limits
+    from .serve.server import serve
+
+    for flag in ("port", "max_batch", "max_queue", "max_texts", "max_body_bytes", "threads"):
+        value = getattr(a, flag)
+        if value is not None and (value < 0 or (value == 0 and flag != "port")):
+            raise LorafitError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    for flag in ("max_wait_ms", "drain_seconds"):
+        if getattr(a, flag) < 0:
+            raise LorafitError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected zero or more")
+    limits = Limits(a.max_texts, a.max_body_bytes, a.max_batch, a.max_wait_ms, a.max_queue, a.drain_seconds)
+    serve(a.runs, a.host, a.port, limits, a.token_file, a.trusted_network, a.precision, a.threads, a.access_log)
+    return 0
+
+
 COMMANDS = (
     add_train,
     add_budget,
@@ -492,6 +562,7 @@ COMMANDS = (
     add_report,
     add_compare,
     add_export,
+    add_serve,
     add_plan,
     add_sweep,
 )

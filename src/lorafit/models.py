@@ -59,6 +59,15 @@ def hub_reachable() -> bool:
         socket.setdefaulttimeout(None)
 
 
+BUILTIN_HUB_IDS = {"builtin:minilm": "sentence-transformers/all-MiniLM-L6-v2"}  # what each builtin model is on the hub
+
+
+def hub_id(name: str) -> str:
+    """The name another machine can load the base model by: a builtin's hub id, a hub id as it is, a local folder
+    as its path (nothing better is known of it)."""
+    return BUILTIN_HUB_IDS.get(name, name)
+
+
 def resolve(name: str) -> tuple[str, bool]:
     """Return (path or hub id, is_local)."""
     if name == "builtin:minilm":

@@ -286,25 +286,37 @@ def _can_pack(module: nn.Module) -> bool:
     return type(module) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad
 
 
-def pack_linear_layers(model: nn.Module) -> int:
+def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Module] | None = None) -> int:
     """Swap every frozen bf16 nn.Linear of a CPU model for a PackedLinear, fusing exact GELU into BERT/RoBERTa's
     feed-forward layers; returns how many were swapped (0 where oneDNN or its bf16 ops are missing).
 
-    For prediction only (a merged model, no gradients). bf16 only: that is where the packed layout measured faster
+    For prediction only (no gradients): a merged model, or an unmerged LoRA one, whose adapted layers keep their
+    adapter and get a packed base layer (DoRA's need their base weight itself, and keep it). `shared` maps a
+    weight's data pointer to its packed layer, so models whose frozen weights are the same tensors (runs served on
+    one base) share the packed copy too. bf16 only: that is where the packed layout measured faster
     (docs/performance.md); fp32 linears keep torch's MKL path."""
     from transformers.activations import GELUActivation
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
         return 0
     n = 0
-    for m in list(model.modules()):
+    for module_name, m in list(model.named_modules()):
+        if any(part.startswith("lora_") for part in module_name.split(".")):
+            continue  # an adapter's own A and B (stored in bf16 where that changes nothing): peft reads their weight
         act = getattr(m, "intermediate_act_fn", None)
         # BERT/RoBERTa's intermediate: dense, then GELU
         fusable = type(act) is GELUActivation and act.act is torch.nn.functional.gelu
+        if any(getattr(m, "use_dora", {}).values()):
+            continue
         for name, child in list(m.named_children()):
             if _can_pack(child):
                 gelu = fusable and name == "dense"
-                setattr(m, name, PackedLinear(child, gelu=gelu))
+                key = (child.weight.data_ptr(), gelu)
+                if shared is None or key not in shared:
+                    packed = PackedLinear(child, gelu=gelu)
+                    if shared is not None:
+                        shared[key] = packed
+                setattr(m, name, packed if shared is None else shared[key])
                 if gelu:
                     m.intermediate_act_fn = nn.Identity()
                 n += 1

@@ -1,8 +1,13 @@
-"""A complete run loaded for inference: its adapter and head on a freshly loaded base model, and its tokenizer."""
+"""Complete runs loaded for inference: each one's adapter and head on its base model, and its tokenizer.
+
+`load_run` gives one run a base of its own (and can merge the adapter into it); `load_runs` loads many runs so that
+those trained on the same base model share one copy of its frozen weights, each adding only its adapter and head.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,9 @@ import torch
 from .. import runs
 from ..batching import Encoded, encode, predict_logits
 from ..config import Config
-from ..fast.device import pick_device, resolve_precision, store_frozen_in
-from ..fast.patches import first_token_last_layer, pack_linear_layers, use_lorafit_attention
-from ..models import build_model, load_tokenizer, quiet_peft_warnings
+from ..fast.device import pick_device, release_free_memory, resolve_precision, store_frozen_in
+from ..fast.patches import first_token_last_layer, pack_linear_layers, use_fast_dora, use_lorafit_attention
+from ..models import build_model, head_modules, load_tokenizer, quiet_peft_warnings, resolve
 
 
 @dataclass
@@ -25,6 +30,7 @@ class LoadedRun:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    shares_base: bool = field(default=False)  # its frozen base weights are shared with other loaded runs
 
     def encode(self, texts: list[str], labels: np.ndarray | None = None) -> Encoded:
         """The run's tokenisation of model input strings (already joined and preprocessed)."""
@@ -69,3 +75,114 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
         pack_linear_layers(model)  # after merging: the packed weights are final
     tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
+
+
+# Initialisations that rewrite the base weights they adapt (PiSSA and OLoRA move the top singular directions into
+# the adapter): a run using one needs base weights of its own.
+INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora", "corda")
+
+
+def changes_base(folder: Path) -> bool:
+    import json
+
+    init = json.loads((Path(folder) / runs.ADAPTER / "adapter_config.json").read_text()).get("init_lora_weights")
+    return isinstance(init, str) and init.lower().startswith(INITS_THAT_CHANGE_THE_BASE)
+
+
+def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[LoadedRun]:
+    """Many runs for serving, unmerged: runs on the same base model (and precision) share one copy of its frozen
+    weights; each adds its adapter and head. A run whose initialisation rewrites the base gets a base of its own.
+
+    Sharing is by tensor, not by module: each run has its own module tree (peft wraps the Linear modules in place,
+    so two runs cannot share a module), whose frozen parameters are the same tensors as the other runs'. On a bf16
+    CPU the frozen Linear weights are packed for oneDNN once per base and the packed layers shared too.
+    """
+    from peft import PeftModel
+
+    bases: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+    tokenizers: dict[str, object] = {}  # identical tokenizer files -> one tokenizer (each holds its vocabulary)
+    packed: dict[tuple[int, bool], torch.nn.Module] = {}  # (frozen weight's data pointer, GELU fused) -> PackedLinear
+    loaded = []
+    for folder in folders:
+        folder = Path(folder)
+        if changes_base(folder):
+            loaded.append(load_run(folder, precision))
+            continue
+        cfg = runs.read_run_config(folder)
+        label_names = runs.read_labels(folder)
+        device = pick_device()
+        dtype = resolve_precision(precision or cfg.train.precision, device)
+        key = (resolve(cfg.model.name)[0], dtype)
+        if key not in bases:
+            bases[key] = _frozen_tensors(build_model(cfg, len(label_names), label_names), device, dtype)
+        with quiet_peft_warnings():
+            skeleton = build_model(cfg, len(label_names), label_names, weights=False)
+            _use_tensors(skeleton, bases[key])
+            model = PeftModel.from_pretrained(skeleton, str(folder / runs.ADAPTER))
+        model.to(device)
+        model.eval()
+        store_frozen_in(model, dtype)  # the shared tensors already are in dtype: this only switches off input casts
+        adapters_in(model, dtype)
+        if cfg.speed.fast_dora:
+            use_fast_dora(model)
+        if cfg.speed.skip_unused_tokens:
+            first_token_last_layer(model)
+        if cfg.speed.fast_attention:
+            use_lorafit_attention(model, cheap_dropout=False, kernel=True)
+        if cfg.speed.pack_weights:
+            pack_linear_layers(model, shared=packed)
+        files = _digest(folder / runs.TOKENIZER)
+        if files not in tokenizers:
+            tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
+        loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, shares_base=True))
+    release_free_memory()  # the fp32 copies the bases were loaded as
+    return loaded
+
+
+def _digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def adapters_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store LoRA's A and B in the compute dtype, where that changes no result: under autocast every matmul casts
+    its fp32 weight to bf16 anyway, on every call (autocast caches only weights that require grad). DoRA layers
+    keep fp32: their weight norm is taken in fp32 from A and B."""
+    if dtype == torch.float32:
+        return
+    for m in model.modules():
+        dora = getattr(m, "use_dora", {})
+        for store in ("lora_A", "lora_B"):
+            for name, linear in getattr(m, store, {}).items():
+                if not dora.get(name, False):
+                    linear.to(dtype)
+
+
+def _frozen_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a loaded base model but its head, on `device`, floating ones in `dtype`."""
+    heads = tuple(h + "." for h in head_modules(model))
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not name.startswith(heads):
+            t = t.detach().to(device)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def _use_tensors(skeleton: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Point a meta-device skeleton's parameters and buffers at the shared tensors of the same name and shape;
+    what is left (the head, which each run's adapter brings) gets zeros of its own."""
+    for module_name, module in skeleton.named_modules():
+        prefix = module_name + "." if module_name else ""
+        for store in (module._parameters, module._buffers):
+            for attr, current in list(store.items()):
+                if current is None:
+                    continue
+                shared = tensors.get(prefix + attr)
+                if shared is None or shared.shape != current.shape:
+                    shared = torch.zeros(current.shape, dtype=current.dtype)
+                store[attr] = torch.nn.Parameter(shared, requires_grad=False) if store is module._parameters else shared

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import budget as budget_mod
-from .. import runs
+from .. import model_card, runs
 from ..atomic import atomic_write_text
 from ..batching import Encoded, collate, encode, predict_logits, train_batches
 from ..config import Config, save_config
@@ -425,12 +425,18 @@ def save(s: Setup, res: Result, folder: Path) -> None:
 
     The adapter is saved as trained. For PiSSA/OLoRA, which move part of the base weights into the adapter,
     reloading re-runs the same deterministic initialisation on the base before loading these weights.
+
+    So that the folder travels, the adapter names its base by hub id (`builtin:minilm` as
+    sentence-transformers/all-MiniLM-L6-v2, not this machine's path of the installed package), and peft's empty
+    model card is replaced by one written from the run's files (model_card.py).
     """
     save_config(s.cfg, folder / runs.CONFIG)
     (folder / runs.LABELS).write_text(json.dumps(s.data.label_names, indent=1))
     (folder / runs.BUDGET).write_text(json.dumps(s.budget.to_dict(), indent=1))
     (folder / runs.METRICS).write_text(json.dumps(res.metrics, indent=1))
     s.model.save_pretrained(folder / runs.ADAPTER)
+    model_card.name_base_by_hub_id(folder, s.cfg.model.name)
+    model_card.write_model_card(folder)
     s.tokenizer.save_pretrained(folder / runs.TOKENIZER)
 
 

@@ -1,0 +1,1 @@
+"""`lorafit serve`: many trained runs over HTTP on shared base models."""

@@ -1,0 +1,334 @@
+"""The serving benchmark: `python -m lorafit.serve.bench [--run RUN] [--out docs/serving.md]`.
+
+Side by side, in one run, on the same texts and the same request shape (one text per request, Hugging Face's
+`{"inputs": text}` at /models/NAME):
+- `lorafit serve` with three runs on one base (dynamic batching, shared base weights);
+- the usual alternative: each run exported as a merged transformers model, one `pipeline` each, behind a plain
+  FastAPI server that calls the pipeline per request (no batching), in the run's precision;
+- the ceiling: lorafit predict's own throughput on the same texts (the model alone: length-sorted batches, no HTTP).
+Throughput and p50/p99 latency at each concurrency, and the servers' resident memory with 1, 10 and 50 runs.
+Without --run it first trains a short run of the default recipe on the embedded MiniLM (speed does not depend on
+how long a run trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONCURRENCY = (1, 8, 32)
+MEMORY_RUNS = (1, 10, 50)
+SERVED = 3  # runs served in the throughput comparison
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The load generator. Hand-written on asyncio streams because the client shares the machine's two cores with the
+# server it measures: keep-alive connections and pre-built requests cost a fraction of what a thread per client
+# with urllib costs, so the figures are the server's. (No async HTTP client is among lorafit's dependencies.)
+
+
+def _request_bytes(port: int, path: str, text: str) -> bytes:
+    body = json.dumps({"inputs": text}).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def _client(port: int, jobs: list[tuple[int, bytes]], next_job: list[int], latencies: list, answers: dict):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while next_job[0] < len(jobs):
+            i = next_job[0]
+            next_job[0] += 1
+            start = time.perf_counter()
+            writer.write(jobs[i][1])
+            status = (await reader.readline()).split()[1]
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            body = await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            answers[i] = (int(status), body)
+    finally:
+        writer.close()
+
+
+def load(port: int, paths: list[str], texts: list[str], concurrency: int, requests: int) -> dict:
+    """`requests` single-text requests from `concurrency` keep-alive clients, round robin over the paths."""
+    jobs = [(i, _request_bytes(port, paths[i % len(paths)], texts[i % len(texts)])) for i in range(requests)]
+    latencies: list[float] = []
+    answers: dict = {}
+
+    async def go():
+        next_job = [0]
+        await asyncio.gather(*(_client(port, jobs, next_job, latencies, answers) for _ in range(concurrency)))
+
+    start = time.perf_counter()
+    asyncio.run(go())
+    seconds = time.perf_counter() - start
+    failed = sum(1 for status, _ in answers.values() if status != 200)
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "failed": failed,
+        "texts_per_s": requests / seconds,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The servers, as child processes
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Child:
+    def __init__(self, args: list[str], port: int, log: Path):
+        self.port, self.log = port, log
+        self._out = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server {args[:4]} did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return s.recv(64).split()[1:2] == [b"200"]
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def lorafit_server(runs: dict[str, Path], log: Path) -> Child:
+    port = free_port()
+    args = [sys.executable, "-m", "lorafit", "serve", *(f"{n}={p}" for n, p in runs.items()), "--port", str(port)]
+    return Child(args, port, log)
+
+
+def pipeline_server(models: dict[str, Path], dtype: str, log: Path) -> Child:
+    port = free_port()
+    spec = json.dumps({"models": {n: str(p) for n, p in models.items()}, "dtype": dtype, "port": port})
+    return Child([sys.executable, "-m", "lorafit.serve.bench", "--pipeline-server", spec], port, log)
+
+
+def run_pipeline_server(spec: str) -> None:
+    """The plain alternative: one transformers pipeline per merged model, called once per request."""
+    import torch
+    import uvicorn
+    from fastapi import Body, FastAPI
+    from transformers import pipeline
+
+    spec = json.loads(spec)
+    dtype = getattr(torch, spec["dtype"])
+    pipes = {n: pipeline("text-classification", model=p, dtype=dtype, device="cpu") for n, p in spec["models"].items()}
+    app = FastAPI()
+
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
+
+    @app.post("/models/{name}")
+    def classify(name: str, body: dict = Body(...)):  # noqa: B008 (FastAPI's way)
+        return [pipes[name](body["inputs"], top_k=None)]
+
+    uvicorn.run(app, host="127.0.0.1", port=spec["port"], log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def quick_run(folder: Path) -> Path:
+    """A short run of the default recipe on the embedded MiniLM."""
+    from ..config import load_config
+    from ..training.recipe import run
+
+    run(load_config(None, ["train.max_steps=20", "eval.every=20", "data.max_train_samples=640"]), folder)
+    return folder
+
+
+def predict_ceiling(run: Path, texts: list[str]) -> float:
+    """lorafit predict's rows/s on these texts: the timed part of `lorafit predict` (encode and forward passes)."""
+    from ..inference.predict import load
+
+    clf = load(run)
+    prepared = clf.prepare(texts)
+    clf.logits_of_prepared(prepared[:256])  # warm up
+    start = time.perf_counter()
+    clf.logits_of_prepared(prepared)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lorafit.serve.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, help="a run folder to serve (default: train a short default run)")
+    p.add_argument("--requests", type=int, default=1200, help="requests per concurrency level")
+    p.add_argument("--out", type=Path, default=Path("docs/serving.md"))
+    p.add_argument("--pipeline-server", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.pipeline_server:
+        run_pipeline_server(a.pipeline_server)
+        return
+
+    import pandas as pd
+
+    from ..data import builtin_path
+    from ..inference.export import export_merged
+    from ..runs import read_run_config
+
+    work = Path(tempfile.mkdtemp(prefix="lorafit-serve-bench-"))
+    try:
+        run = a.run or quick_run(work / "run")
+        cfg = read_run_config(run)
+        texts = pd.read_parquet(builtin_path("builtin:ag_news_sample_test"))["text"].tolist()[:2000]
+        names = [f"run{i}" for i in range(max(MEMORY_RUNS))]
+        copies = {n: work / "runs" / n for n in names}
+        for folder in copies.values():
+            shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "*.png", "report.html"))
+        served = dict(list(copies.items())[:SERVED])
+        paths = [f"/models/{n}" for n in served]
+
+        print("lorafit predict ceiling ...", file=sys.stderr, flush=True)
+        ceiling = predict_ceiling(run, texts)
+
+        rows = {}
+        print("lorafit serve ...", file=sys.stderr, flush=True)
+        server = lorafit_server(served, work / "serve.log")
+        try:
+            load(server.port, paths, texts, 8, 200)  # warm up
+            rows["lorafit serve"] = [load(server.port, paths, texts, c, a.requests) for c in CONCURRENCY]
+        finally:
+            server.stop()
+
+        print("merged models, one pipeline each ...", file=sys.stderr, flush=True)
+        merged = work / "merged"
+        export_merged(run, merged)
+        dtype = "bfloat16" if _run_dtype(cfg) == "bfloat16" else "float32"
+        pipes = pipeline_server(dict.fromkeys(served, merged), dtype, work / "pipe.log")
+        try:
+            load(pipes.port, paths, texts, 8, 100)
+            rows["pipeline per run"] = [
+                load(pipes.port, paths, texts, c, max(200, a.requests // 3)) for c in CONCURRENCY
+            ]
+        finally:
+            pipes.stop()
+
+        memory = {}
+        for n in MEMORY_RUNS:
+            print(f"memory with {n} runs ...", file=sys.stderr, flush=True)
+            some = dict(list(copies.items())[:n])
+            server = lorafit_server(some, work / f"mem{n}.log")
+            try:
+                load(server.port, [f"/models/{k}" for k in some], texts, 4, max(4 * n, 40))
+                memory[n] = rss_mb(server.proc.pid)
+            finally:
+                server.stop()
+        pipe_memory = {}
+        for n in (1, 10):
+            pipes = pipeline_server({k: merged for k in names[:n]}, dtype, work / f"pipemem{n}.log")
+            try:
+                load(pipes.port, [f"/models/{k}" for k in names[:n]], texts, 4, max(4 * n, 40))
+                pipe_memory[n] = rss_mb(pipes.proc.pid)
+            finally:
+                pipes.stop()
+        report = render(rows, ceiling, memory, pipe_memory, cfg, dtype, a.requests)
+        write_between_markers(a.out, report)
+        print(report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+START, END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
+
+
+def write_between_markers(path: Path, table: str) -> None:
+    """Replace what lies between the markers (the rest of the page is written by hand), or start the page."""
+    block = f"{START}\n{table}{END}\n"
+    text = path.read_text() if path.is_file() else ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = (text + "\n" if text else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _run_dtype(cfg) -> str:
+    from ..fast.device import pick_device, resolve_precision
+
+    return str(resolve_precision(cfg.train.precision, pick_device())).replace("torch.", "")
+
+
+def render(rows: dict, ceiling: float, memory: dict, pipe_memory: dict, cfg, dtype: str, requests: int) -> str:
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} by `python -m lorafit.serve.bench` on this machine ({os.cpu_count()} cores), "
+        f"{SERVED} runs of `{cfg.model.name}` (LoRA r {cfg.lora.r} on {cfg.lora.target_modules}, {dtype}), "
+        "AG News test-sample texts, one text per request, clients on keep-alive connections on the same machine.",
+        "",
+        f"The ceiling, lorafit predict on the same texts (no HTTP, length-sorted batches): **{ceiling:,.0f} texts/s**.",
+        "",
+        "| server | concurrency | requests | failed | texts/s | of predict | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for server, results in rows.items():
+        for r in results:
+            lines.append(
+                f"| {server} | {r['concurrency']} | {r['requests']} | {r['failed']} | {r['texts_per_s']:,.0f} | "
+                f"{r['texts_per_s'] / ceiling:.0%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+            )
+    lines += [
+        "",
+        "Resident memory of the server process (VmRSS after every run has answered):",
+        "",
+        "| runs | lorafit serve MB | × 1 run | pipeline per run MB |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n, mb in memory.items():
+        pipe = f"{pipe_memory[n]:,.0f}" if n in pipe_memory else "–"
+        lines.append(f"| {n} | {mb:,.0f} | {mb / memory[min(memory)]:.2f} | {pipe} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""`lorafit serve` through real HTTP on loopback: the same answers as `lorafit predict`, Hugging Face's client,
+every bad request a 4xx, auth, a full queue, a bounded load test, SIGTERM draining, runs that travel.
+
+The servers are real child processes (`python -m lorafit serve`); every wait on them has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import TINY_RUN_SETTINGS, finish, run_child, wait_for
+from lorafit.cli import main as cli
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+START_TIMEOUT = 180  # loading MiniLM twice on a busy 2-core machine
+REQUEST_TIMEOUT = 60
+
+
+@pytest.fixture()
+def inference_client(monkeypatch):
+    """huggingface_hub.InferenceClient, allowed to call the loopback server although the suite runs with
+    HF_HUB_OFFLINE=1 (which refuses every request the client makes, even to 127.0.0.1)."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return InferenceClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body=None, headers: dict | None = None, method: str | None = None, raw: bytes | None = None):
+    """(status, headers, parsed JSON or text) of one HTTP request; 4xx/5xx answers are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None and raw is None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as r:
+            status, head, payload = r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        status, head, payload = e.code, dict(e.headers), e.read()
+    text = payload.decode()
+    try:
+        return status, head, json.loads(text)
+    except ValueError:
+        return status, head, text
+
+
+class Server:
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorafit", "serve", *args, "--port", str(self.port), "--threads", "1"],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Server:
+        wait_for(self._ready, self.proc, "the server to be ready", timeout, self.log, every=0.2)
+        assert self.proc.poll() is None, (
+            f"the server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+        )
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return request(self.url + "/ready")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = finish(self.proc, "the server", 60, self.log)
+        self._log_file.close()
+        return code
+
+
+def train(name: str, data: Path, out: Path, *settings: str) -> Path:
+    from lorafit.config import load_config
+    from lorafit.training.recipe import run
+
+    cfg = load_config(None, [f"model.name={name}", f"data.source={data}", *TINY_RUN_SETTINGS, *settings])
+    run(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def texts(ag_sample) -> list[str]:
+    """48 AG News texts, long and short mixed, and two edge cases."""
+    df = ag_sample.groupby("label", group_keys=False).tail(12).sample(frac=1, random_state=5)
+    return [*df["text"], "Oil.", "ünïcödé — and emoji 🚀 in a headline"]
+
+
+@pytest.fixture(scope="module")
+def minilm_runs(ag_sample, tmp_path_factory) -> dict[str, Path]:
+    """Two runs on the embedded MiniLM: LoRA q,v in fp32, and DoRA on every Linear in the CPU's best precision."""
+    import torch
+
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("serve-minilm")
+    data = root / "small.csv"
+    ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(data, index=False)
+    runs = {
+        "news-fp32": train("builtin:minilm", data, root / "news-fp32"),
+        "news-dora": train(
+            "builtin:minilm",
+            data,
+            root / "news-dora",
+            "train.precision=auto",
+            "lora.use_dora=true",
+            "lora.target_modules=all-linear",
+        ),
+    }
+    torch.set_num_threads(threads)
+    return runs
+
+
+def predicted(run: Path, texts: list[str], tmp_path: Path) -> pd.DataFrame:
+    """`lorafit predict` on the texts, with probabilities."""
+    inp, out = tmp_path / f"{run.name}-in.csv", tmp_path / f"{run.name}-out.csv"
+    pd.DataFrame({"text": texts}).to_csv(inp, index=False)
+    assert cli(["predict", str(run), "--input", str(inp), "--output", str(out), "--proba", "--overwrite"]) == 0
+    return pd.read_csv(out, dtype={"label": str})  # label names such as "0" stay strings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Three runs on two bases, one server
+
+
+@pytest.fixture(scope="module")
+def server(minilm_runs, tiny_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "server.log"
+    args = [f"{name}={path}" for name, path in minilm_runs.items()] + [f"tiny={tiny_run}"]
+    s = Server([*args, "--max-texts", "64"], log).wait_ready()
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def served_runs(minilm_runs, tiny_run) -> dict[str, Path]:
+    return {**minilm_runs, "tiny": tiny_run}
+
+
+# bf16: the server adds an unmerged adapter to the bf16 base, predict merges it first in fp32 and then rounds the
+# merged weights; the two roundings differ by bf16's precision, 2^-8 of each weight
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+@pytest.mark.slow
+def test_every_run_answers_as_lorafit_predict(server, served_runs, texts, tmp_path):
+    listing = {r["name"]: r for r in request(server.url + "/v1/runs")[2]["runs"]}
+    assert set(listing) == set(served_runs)
+    assert {r["precision"] for r in listing.values()} >= {"float32"}
+    for name, folder in served_runs.items():
+        expected = predicted(folder, texts, tmp_path)
+        status, _, got = request(server.url + "/v1/classify", {"run": name, "texts": texts, "probabilities": True})
+        assert status == 200, got
+        names = got["label_names"]
+        assert names == json.loads((folder / "labels.json").read_text())
+        proba = np.array(got["probabilities"])
+        want = expected[[f"proba_{n}" for n in names]].to_numpy()
+        tol = TOLERANCE[listing[name]["precision"]]
+        assert np.abs(proba - want).max() <= tol, (name, np.abs(proba - want).max())
+        margin = np.sort(want, axis=1)[:, -1] - np.sort(want, axis=1)[:, -2]
+        clear = margin > 2 * tol  # where the two roundings cannot swap the top two classes
+        assert clear.mean() > 0.5
+        assert (np.array(got["labels"])[clear] == expected["label"].to_numpy()[clear]).all(), name
+        assert got["labels"] == [names[i] for i in proba.argmax(1)]
+
+
+@pytest.mark.slow
+def test_listing_names_base_labels_budget_and_metrics(server, served_runs):
+    runs = {r["name"]: r for r in request(server.url + "/v1/runs")[2]["runs"]}
+    for name, folder in served_runs.items():
+        r = runs[name]
+        assert r["labels"] == json.loads((folder / "labels.json").read_text())
+        assert r["trainable_parameters"] == json.loads((folder / "budget.json").read_text())["total"]
+        assert r["validation"]["accuracy"] == json.loads((folder / "metrics.json").read_text())["val"]["accuracy"]
+    assert runs["news-fp32"]["base"] == MINILM_HUB_ID and runs["news-dora"]["base"] == MINILM_HUB_ID
+    tiny_base = yaml.safe_load((served_runs["tiny"] / "config.yaml").read_text())["model"]["name"]
+    assert runs["tiny"]["base"] == tiny_base  # a local folder: nothing better to name it by
+    assert all(r["base_shared"] for r in runs.values())
+
+
+@pytest.mark.slow
+def test_huggingface_inference_client(server, served_runs, texts, tmp_path, inference_client):
+    expected = predicted(served_runs["news-fp32"], texts[:6], tmp_path)
+    client = inference_client(model=f"{server.url}/models/news-fp32")
+    for text, label in zip(texts[:6], expected["label"], strict=True):
+        out = client.text_classification(text)
+        assert out[0].label == label
+        assert len(out) == 4 and [o.score for o in out] == sorted((o.score for o in out), reverse=True)
+        assert abs(sum(o.score for o in out) - 1) < 1e-6
+    assert len(client.text_classification(texts[0], top_k=2)) == 2
+    # the raw API: a list of inputs gets one list per input, in order
+    status, _, body = request(f"{server.url}/models/tiny", {"inputs": texts[:3], "parameters": {"top_k": 1}})
+    assert status == 200 and [len(x) for x in body] == [1, 1, 1]
+
+
+BAD_REQUESTS = [  # (path, body or raw bytes, status, words the one-line error must contain)
+    ("/v1/classify", b'{"run": "tiny", "texts": [', 400, "not valid JSON"),
+    ("/v1/classify", {"run": "tiny", "texts": ["ok", 3]}, 422, "texts[1]"),
+    ("/v1/classify", {"run": "tiny", "texts": "one string"}, 422, "texts"),
+    ("/v1/classify", {"run": "tiny", "texts": []}, 422, "empty list"),
+    ("/v1/classify", {"run": "tiny", "texts": ["fine", "   "]}, 422, "texts[1]: empty text"),
+    ("/v1/classify", {"run": "tiny", "texts": ["x"] * 65}, 413, "at most 64"),
+    ("/v1/classify", {"run": "nobody", "texts": ["x"]}, 404, "served: news-fp32, news-dora, tiny"),
+    ("/v1/classify", {"run": "tiny", "texts": ["x"], "path": "/etc/passwd"}, 422, "path"),
+    ("/v1/classify", {"texts": ["x"]}, 422, "run"),
+    ("/v1/classify", [1, 2], 422, "body"),
+    ("/v1/classify", {"run": "tiny", "texts": ["x"], "probabilities": "yes"}, 422, "probabilities"),
+    ("/models/tiny", {"inputs": 5}, 422, "expected a string or a list of strings"),
+    ("/models/tiny", {"inputs": None}, 422, "inputs"),
+    ("/models/tiny", {"inputs": "x", "parameters": {"top_k": 0}}, 422, "top_k"),
+    ("/models/tiny", {"inputs": "x", "parameters": {"function_to_apply": "relu"}}, 422, "function_to_apply"),
+    ("/models/tiny", {"inputs": ""}, 422, "empty text"),
+    ("/models/nobody", {"inputs": "x"}, 404, "no run named 'nobody'"),
+    ("/models/tiny", b'{"inputs": "' + b"a" * (1 << 20) + b'"}', 413, "at most 1048576"),
+    ("/models/tiny", b"\xff\xfe not utf-8", 400, "not valid JSON"),
+    ("/v1/nothing-here", {"inputs": "x"}, 404, "Not Found"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS, ids=[f"{s}-{w[:20]}" for _, _, s, w in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_with_one_line(server, path, body, status, words, cases_tried):
+    raw = body if isinstance(body, bytes) else None
+    headers = {"Content-Type": "application/json"} if raw is not None else None
+    got, head, answer = request(server.url + path, None if raw else body, headers, method="POST", raw=raw)
+    cases_tried["HTTP request"] += 1
+    assert got == status, answer
+    assert isinstance(answer, dict) and list(answer) == ["error"], answer
+    assert words in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"]
+    assert request(server.url + "/health")[0] == 200  # the server lives on
+
+
+@pytest.mark.slow
+def test_wrong_content_type_and_method(server):
+    status, _, body = request(
+        server.url + "/v1/classify",
+        raw=b'{"run": "tiny", "texts": ["x"]}',
+        headers={"Content-Type": "text/plain"},
+        method="POST",
+    )
+    assert status == 415 and "application/json" in body["error"]
+    status, _, body = request(server.url + "/v1/runs", method="DELETE")
+    assert status == 405 and list(body) == ["error"]
+
+
+@pytest.mark.slow
+def test_bounded_load_mixed_runs_nothing_lost_or_misrouted(server, texts):
+    """32 concurrent clients, 320 single-text requests across the three runs, in at most 120 s: every answer is
+    200 and carries the label the same text got alone."""
+    names = ["news-fp32", "news-dora", "tiny"]
+    alone = {}
+    for name in names:
+        status, _, body = request(server.url + "/v1/classify", {"run": name, "texts": texts})
+        assert status == 200
+        alone[name] = body["labels"]
+    jobs = [(names[i % 3], (i * 7) % len(texts)) for i in range(320)]
+    deadline = time.monotonic() + 120
+
+    def one(job):
+        name, i = job
+        assert time.monotonic() < deadline, "the load test ran past its 120 s"
+        return job, request(server.url + "/v1/classify", {"run": name, "texts": [texts[i]]})
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, jobs, timeout=150))
+    assert len(results) == len(jobs)
+    for (name, i), (status, _, body) in results:
+        assert status == 200, body
+        assert body["run"] == name and body["labels"] == [alone[name][i]], (name, i)
+    metrics = request(server.url + "/metrics")[2]
+    assert "lorafit_batch_size_bucket" in metrics and "lorafit_queue_depth" in metrics
+    counts = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("lorafit_batch_size_count")]
+    batches = sum(counts)
+    # batched: fewer forward passes than requests (every text counted once)
+    assert 0 < batches < len(jobs) + 3 * len(texts) + 10
+    assert 'lorafit_requests_total{code="404"' in metrics or "lorafit_requests_total" in metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small servers on the tiny run: auth, a full queue, SIGTERM, the address check
+
+
+@pytest.fixture()
+def token_file(tmp_path) -> Path:
+    f = tmp_path / "token"
+    f.write_text("s3cret-token-for-tests-0123456789\n")
+    return f
+
+
+def test_bearer_token(tiny_run, token_file, tmp_path, inference_client):
+    s = Server([f"tiny={tiny_run}", "--token-file", str(token_file)], tmp_path / "log").wait_ready()
+    try:
+        body = {"run": "tiny", "texts": ["Stocks fell"]}
+        assert request(s.url + "/v1/classify", body)[0] == 401
+        status, head, answer = request(s.url + "/v1/classify", body, {"Authorization": "Bearer wrong"})
+        assert status == 401 and head.get("www-authenticate", head.get("WWW-Authenticate")) == "Bearer"
+        assert "bearer token" in answer["error"]
+        assert (
+            request(s.url + "/v1/runs", headers={"Authorization": "Bearer s3cret-token-for-tests-0123456789"})[0] == 200
+        )
+        assert request(s.url + "/metrics")[0] == 401
+        assert request(s.url + "/health")[0] == 200  # probes need no token
+
+        out = inference_client(
+            model=f"{s.url}/models/tiny", token="s3cret-token-for-tests-0123456789"
+        ).text_classification("x")
+        assert len(out) == 4
+    finally:
+        assert s.stop() == 0
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_run, tmp_path):
+    s = Server([f"tiny={tiny_run}", "--max-queue", "4"], tmp_path / "log").wait_ready()
+    try:
+        status, head, body = request(s.url + "/v1/classify", {"run": "tiny", "texts": ["a"] * 5})
+        assert status == 503 and head.get("Retry-After", head.get("retry-after")) == "1", body
+        assert "queue is full" in body["error"]
+        assert request(s.url + "/v1/classify", {"run": "tiny", "texts": ["a"] * 4})[0] == 200
+        assert "lorafit_rejected_total 1.0" in request(s.url + "/metrics")[2]
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_run, tmp_path):
+    # requests wait 1.5 s for company: SIGTERM arrives while all of them are in flight
+    s = Server([f"tiny={tiny_run}", "--max-wait-ms", "1500", "--max-batch", "64"], tmp_path / "log").wait_ready()
+    results = []
+
+    def one(i):
+        results.append(request(s.url + "/v1/classify", {"run": "tiny", "texts": [f"text number {i}"]}))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=REQUEST_TIMEOUT)
+    assert not any(t.is_alive() for t in threads)
+    assert s.stop() == 0
+    assert [r[0] for r in results] == [200] * 8, results
+    with pytest.raises(OSError):  # and it no longer listens
+        request(s.url + "/health")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorafit: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_off_loopback_needs_a_token_or_trust(tiny_run, token_file, capsys):
+    assert cli(["serve", str(tiny_run), "--host", "0.0.0.0"]) == 2
+    err = one_line_error(capsys)
+    assert "--token-file" in err and "--trusted-network" in err
+    from lorafit.serve.server import check_address
+
+    check_address("0.0.0.0", "a-token", False)  # either one lets it listen
+    check_address("0.0.0.0", None, True)
+    check_address("::1", None, False)
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["/no/such/run"], "not a folder"),
+        (["x y=/no/such/run"], "not a folder"),
+        (["--max-batch", "0", "RUN"], "--max-batch 0"),
+        (["--token-file", "/no/such/token", "RUN"], "--token-file"),
+        (["a=RUN", "a=RUN"], "two runs are named 'a'"),
+        (["bad/name=RUN"], "cannot be a URL segment"),
+    ],
+)
+def test_bad_command_lines_fail_in_one_line_before_loading(tiny_run, args, words, capsys):
+    args = [a.replace("RUN", str(tiny_run)) for a in args]
+    assert cli(["serve", *args]) == 2
+    assert words in one_line_error(capsys)
+
+
+def test_port_in_use_fails_in_one_line(tiny_run, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli(["serve", str(tiny_run), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen there" in one_line_error(capsys)
+
+
+def test_incomplete_runs_and_sweep_folders(tiny_run, tmp_path, capsys):
+    from lorafit.serve.registry import parse_specs
+
+    sweep = tmp_path / "sweep"
+    for name in ("r=4_alpha=8-abc123", "r=8_alpha=16-def456"):
+        shutil.copytree(tiny_run, sweep / name)
+    (sweep / "results.csv").write_text("point\n")
+    shutil.copytree(tiny_run, sweep / "unfinished")
+    (sweep / "unfinished" / "INCOMPLETE").write_text("")
+    assert [n for n, _ in parse_specs([str(sweep)])] == ["r=4_alpha=8-abc123", "r=8_alpha=16-def456"]
+    assert cli(["serve", str(sweep / "unfinished")]) == 2
+    assert "incomplete run" in one_line_error(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["serve", str(empty)]) == 2
+    assert "holds no finished run" in one_line_error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A run folder that travels
+
+
+def fake_hub_cache(home: Path) -> Path:
+    """A Hugging Face cache in `home` holding the embedded MiniLM under its hub id, as an online machine would."""
+    from lorafit.models import builtin_model_dir
+
+    hub = home / ".cache" / "huggingface" / "hub"
+    repo = hub / ("models--" + MINILM_HUB_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in Path(builtin_model_dir()).iterdir():
+        if f.is_file():
+            (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return hub
+
+
+PLAIN_PEFT = """
+import json, sys, torch
+from peft import AutoPeftModelForSequenceClassification, PeftConfig
+from transformers import AutoTokenizer
+run = sys.argv[1]
+labels = json.load(open(run + "/labels.json"))
+print(PeftConfig.from_pretrained(run + "/adapter").base_model_name_or_path)
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    run + "/adapter", num_labels=len(labels), id2label=dict(enumerate(labels))).eval()
+tok = AutoTokenizer.from_pretrained(run + "/tokenizer")
+texts = json.loads(sys.stdin.read())
+with torch.no_grad():
+    logits = model(**tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
+print(json.dumps([labels[i] for i in logits.argmax(-1).tolist()]))
+"""
+
+
+@pytest.mark.slow
+def test_a_copied_run_serves_from_a_new_home_and_plain_peft_reads_its_base(minilm_runs, texts, tmp_path):
+    moved = tmp_path / "elsewhere" / "my-classifier"
+    shutil.copytree(minilm_runs["news-fp32"], moved)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+    env.pop("HF_HUB_CACHE", None)
+    expected = predicted(moved, texts, tmp_path)
+    s = Server([str(moved)], tmp_path / "log", env=env, cwd=tmp_path).wait_ready()
+    try:
+        status, _, body = request(s.url + "/v1/classify", {"run": "my-classifier", "texts": texts})
+        assert status == 200 and body["labels"] == expected["label"].tolist()
+    finally:
+        assert s.stop() == 0
+
+    fake_hub_cache(home)
+    done = run_child(
+        [sys.executable, "-c", PLAIN_PEFT, str(moved)], "plain peft", 300, input=json.dumps(texts), env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    base, labels = done.stdout.strip().splitlines()[-2:]
+    assert base == MINILM_HUB_ID
+    assert json.loads(labels) == expected["label"].tolist()
