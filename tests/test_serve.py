@@ -499,3 +499,40 @@ def test_a_copied_run_serves_from_a_new_home_and_plain_peft_reads_its_base(minil
     base, labels = done.stdout.strip().splitlines()[-2:]
     assert base == MINILM_HUB_ID
     assert json.loads(labels) == expected["label"].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading many runs on one base
+
+
+def _frozen_pointers(run) -> dict[str, int]:
+    return {n: p.data_ptr() for n, p in run.model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+
+
+def test_runs_on_one_base_share_its_weights_and_answer_as_alone(tiny_run, tiny_bert, tmp_path, one_thread):
+    from lorafit.inference.loaded import load_run, load_runs
+
+    data = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["source"])
+    other = train(str(tiny_bert), data, tmp_path / "dora", "lora.use_dora=true", "lora.target_modules=all-linear")
+    pissa = train(str(tiny_bert), data, tmp_path / "pissa", "lora.init=pissa")
+    a, b, c = load_runs([tiny_run, other, pissa])
+    shared = set(_frozen_pointers(a).items()) & set(_frozen_pointers(b).items())
+    embeddings = {n for n, _ in shared if "word_embeddings" in n}
+    assert embeddings and len(shared) > 10  # embeddings, layer norms, unadapted Linear weights: one copy
+    assert a.shares_base and b.shares_base and not c.shares_base  # PiSSA rewrites its base: a copy of its own
+    assert a.tokenizer is b.tokenizer
+    texts = ["Stocks fell sharply on Monday", "The striker scored twice", "Oil."]
+    for served, folder in ((a, tiny_run), (b, other), (c, pissa)):
+        alone = load_run(folder)
+        np.testing.assert_array_equal(
+            served.predict_logits(served.encode(texts)), alone.predict_logits(alone.encode(texts))
+        )
+
+
+def test_benchmark_rewrites_only_its_section(tmp_path):
+    from lorafit.serve.bench import END, START, write_between_markers
+
+    page = tmp_path / "serving.md"
+    page.write_text(f"# Serving\n\nHand-written.\n\n{START}\nold table\n{END}\n\nAfter.\n")
+    write_between_markers(page, "new table\n")
+    assert page.read_text() == f"# Serving\n\nHand-written.\n\n{START}\nnew table\n{END}\nAfter.\n"

@@ -31,6 +31,7 @@ import numpy as np
 CONCURRENCY = (1, 8, 32)
 MEMORY_RUNS = (1, 10, 50)
 SERVED = 3  # runs served in the throughput comparison
+PER_REQUEST = 16  # texts per request in the second set of lorafit serve rows
 
 
 def free_port() -> int:
@@ -45,7 +46,7 @@ def free_port() -> int:
 # with urllib costs, so the figures are the server's. (No async HTTP client is among lorafit's dependencies.)
 
 
-def _request_bytes(port: int, path: str, text: str) -> bytes:
+def _request_bytes(port: int, path: str, text: str | list[str]) -> bytes:
     body = json.dumps({"inputs": text}).encode()
     head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
@@ -72,9 +73,15 @@ async def _client(port: int, jobs: list[tuple[int, bytes]], next_job: list[int],
         writer.close()
 
 
-def load(port: int, paths: list[str], texts: list[str], concurrency: int, requests: int) -> dict:
-    """`requests` single-text requests from `concurrency` keep-alive clients, round robin over the paths."""
-    jobs = [(i, _request_bytes(port, paths[i % len(paths)], texts[i % len(texts)])) for i in range(requests)]
+def load(port: int, paths: list[str], texts: list[str], concurrency: int, requests: int, per_request: int = 1) -> dict:
+    """`requests` requests of `per_request` texts from `concurrency` keep-alive clients, round robin over the paths."""
+
+    def inputs(i: int):
+        if per_request == 1:
+            return texts[i % len(texts)]
+        return [texts[(i * per_request + k) % len(texts)] for k in range(per_request)]
+
+    jobs = [(i, _request_bytes(port, paths[i % len(paths)], inputs(i))) for i in range(requests)]
     latencies: list[float] = []
     answers: dict = {}
 
@@ -90,8 +97,9 @@ def load(port: int, paths: list[str], texts: list[str], concurrency: int, reques
     return {
         "concurrency": concurrency,
         "requests": requests,
+        "per_request": per_request,
         "failed": failed,
-        "texts_per_s": requests / seconds,
+        "texts_per_s": requests * per_request / seconds,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
     }
@@ -237,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             load(server.port, paths, texts, 8, 200)  # warm up
             rows["lorafit serve"] = [load(server.port, paths, texts, c, a.requests) for c in CONCURRENCY]
+            rows["lorafit serve"] += [
+                load(server.port, paths, texts, c, a.requests // PER_REQUEST, PER_REQUEST) for c in CONCURRENCY
+            ]
         finally:
             server.stop()
 
@@ -304,17 +315,17 @@ def render(rows: dict, ceiling: float, memory: dict, pipe_memory: dict, cfg, dty
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python -m lorafit.serve.bench` on this machine ({os.cpu_count()} cores), "
         f"{SERVED} runs of `{cfg.model.name}` (LoRA r {cfg.lora.r} on {cfg.lora.target_modules}, {dtype}), "
-        "AG News test-sample texts, one text per request, clients on keep-alive connections on the same machine.",
+        "AG News test-sample texts, clients on keep-alive connections on the same machine.",
         "",
         f"The ceiling, lorafit predict on the same texts (no HTTP, length-sorted batches): **{ceiling:,.0f} texts/s**.",
         "",
-        "| server | concurrency | requests | failed | texts/s | of predict | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | concurrency | requests | texts per request | failed | texts/s | of predict | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for server, results in rows.items():
         for r in results:
             lines.append(
-                f"| {server} | {r['concurrency']} | {r['requests']} | {r['failed']} | {r['texts_per_s']:,.0f} | "
+                f"| {server} | {r['concurrency']} | {r['requests']} | {r['per_request']} | {r['failed']} | {r['texts_per_s']:,.0f} | "
                 f"{r['texts_per_s'] / ceiling:.0%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
             )
     lines += [
