@@ -256,7 +256,11 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the one-line error m
 def test_bad_requests_get_a_4xx_with_one_line(server, path, body, status, words, cases_tried):
     raw = body if isinstance(body, bytes) else None
     headers = {"Content-Type": "application/json"} if raw is not None else None
-    got, head, answer = request(server.url + path, None if raw else body, headers, method="POST", raw=raw)
+    try:
+        got, head, answer = request(server.url + path, None if raw else body, headers, method="POST", raw=raw)
+    except urllib.error.URLError as e:  # a server refusing an oversized body may close before reading all of it
+        assert status == 413 and isinstance(e.reason, ConnectionResetError), e
+        return
     cases_tried["HTTP request"] += 1
     assert got == status, answer
     assert isinstance(answer, dict) and list(answer) == ["error"], answer
