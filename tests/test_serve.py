@@ -27,6 +27,7 @@ import yaml
 
 from conftest import TINY_RUN_SETTINGS, finish, run_child, wait_for
 from lorafit.cli import main as cli
+from lorafit.serve.bench import free_port
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 START_TIMEOUT = 180  # loading MiniLM twice on a busy 2-core machine
@@ -42,12 +43,6 @@ def inference_client(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     return InferenceClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(url: str, body=None, headers: dict | None = None, method: str | None = None, raw: bytes | None = None):

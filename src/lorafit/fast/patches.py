@@ -299,6 +299,7 @@ def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Modul
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
         return 0
+    packed = {} if shared is None else shared
     n = 0
     for module_name, m in list(model.named_modules()):
         if any(part.startswith("lora_") for part in module_name.split(".")):
@@ -312,11 +313,9 @@ def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Modul
             if _can_pack(child):
                 gelu = fusable and name == "dense"
                 key = (child.weight.data_ptr(), gelu)
-                if shared is None or key not in shared:
-                    packed = PackedLinear(child, gelu=gelu)
-                    if shared is not None:
-                        shared[key] = packed
-                setattr(m, name, packed if shared is None else shared[key])
+                if key not in packed:
+                    packed[key] = PackedLinear(child, gelu=gelu)
+                setattr(m, name, packed[key])
                 if gelu:
                     m.intermediate_act_fn = nn.Identity()
                 n += 1

@@ -64,6 +64,16 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
         if merge:
             model = model.merge_and_unload()
             model.requires_grad_(False)
+    for_inference(model, cfg, device, dtype)
+    if merge and cfg.speed.pack_weights:
+        pack_linear_layers(model)  # after merging: the packed weights are final
+    tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
+    return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
+
+
+def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
+    """What every loaded run gets: its device, eval mode, frozen weights in the compute dtype, and the speed
+    patches its config asks for that apply to prediction."""
     model.to(device)
     model.eval()
     store_frozen_in(model, dtype)
@@ -71,22 +81,11 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
         first_token_last_layer(model)
     if cfg.speed.fast_attention:
         use_lorafit_attention(model, cheap_dropout=False, kernel=True)
-    if merge and cfg.speed.pack_weights:
-        pack_linear_layers(model)  # after merging: the packed weights are final
-    tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
-    return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
 
 
-# Initialisations that rewrite the base weights they adapt (PiSSA and OLoRA move the top singular directions into
-# the adapter): a run using one needs base weights of its own.
-INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora", "corda")
-
-
-def changes_base(folder: Path) -> bool:
-    import json
-
-    init = json.loads((Path(folder) / runs.ADAPTER / "adapter_config.json").read_text()).get("init_lora_weights")
-    return isinstance(init, str) and init.lower().startswith(INITS_THAT_CHANGE_THE_BASE)
+# Initialisations that rewrite the base weights they adapt (PiSSA, pissa_niter_N and OLoRA move the top singular
+# directions into the adapter): a run using one needs base weights of its own.
+INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora")
 
 
 def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[LoadedRun]:
@@ -105,10 +104,10 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
     loaded = []
     for folder in folders:
         folder = Path(folder)
-        if changes_base(folder):
+        cfg = runs.read_run_config(folder)
+        if cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
             loaded.append(load_run(folder, precision))
             continue
-        cfg = runs.read_run_config(folder)
         label_names = runs.read_labels(folder)
         device = pick_device()
         dtype = resolve_precision(precision or cfg.train.precision, device)
@@ -119,16 +118,10 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
             skeleton = build_model(cfg, len(label_names), label_names, weights=False)
             _use_tensors(skeleton, bases[key])
             model = PeftModel.from_pretrained(skeleton, str(folder / runs.ADAPTER))
-        model.to(device)
-        model.eval()
-        store_frozen_in(model, dtype)  # the shared tensors already are in dtype: this only switches off input casts
+        for_inference(model, cfg, device, dtype)  # the shared tensors already are in dtype: no copy is made
         adapters_in(model, dtype)
         if cfg.speed.fast_dora:
             use_fast_dora(model)
-        if cfg.speed.skip_unused_tokens:
-            first_token_last_layer(model)
-        if cfg.speed.fast_attention:
-            use_lorafit_attention(model, cheap_dropout=False, kernel=True)
         if cfg.speed.pack_weights:
             pack_linear_layers(model, shared=packed)
         files = _digest(folder / runs.TOKENIZER)
