@@ -135,7 +135,11 @@ def test_the_card_of_a_trained_run_names_its_base_labels_and_metrics(tiny_run, t
     assert "- Rank r: 4; alpha: 8" in card and "`query`, `value`" in card and "- Method: LoRA (peft)" in card
     assert "Licence of the data: not stated by the user." in card
     assert "truncated to 32 tokens" in card and "max_length=32" in card
-    assert "Baseline" not in card
+    b = metrics["baseline"]
+    assert (
+        f"Baseline ({b['name']}): validation accuracy {b['val']['accuracy']:.4f}, "
+        f"test accuracy {b['test']['accuracy']:.4f}." in card
+    )
     for how in (
         "AutoPeftModelForSequenceClassification.from_pretrained(",
         'AutoTokenizer.from_pretrained("RUN/tokenizer")',

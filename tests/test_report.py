@@ -161,6 +161,7 @@ def _fake_run(src: Path, dest: Path, config_changes: dict, val_losses: list[floa
     metrics = json.loads((dest / "metrics.json").read_text())
     metrics["val"]["accuracy"] = val_accuracy
     metrics.pop("test")
+    metrics.pop("baseline")  # as in a run from before lorafit trained baselines
     (dest / "metrics.json").write_text(json.dumps(metrics))
     return dest
 
@@ -186,6 +187,7 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
         "trainable_params",
         "best_val_loss",
         "val_accuracy",
+        "baseline_val_accuracy",
         "test_accuracy",
         "wall_time_s",
     ]
@@ -194,6 +196,7 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
     assert rows[0]["run"] == "run" and rows[0]["lora.use_dora"] == "False"
     assert float(rows[0]["val_accuracy"]) == base["val"]["accuracy"]
     assert float(rows[0]["test_accuracy"]) == base["test"]["accuracy"]
+    assert float(rows[0]["baseline_val_accuracy"]) == base["baseline"]["val"]["accuracy"]
     assert float(rows[0]["best_val_loss"]) == min(h["val_loss"] for h in history)
     assert int(rows[0]["trainable_params"]) == base["training"]["trainable_parameters"]
     assert float(rows[0]["wall_time_s"]) == base["training"]["train_seconds"]
@@ -202,10 +205,11 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
         rows[1]["lora.use_dora"],
         rows[1]["best_val_loss"],
         rows[1]["val_accuracy"],
+        rows[1]["baseline_val_accuracy"],
         rows[1]["test_accuracy"],
-    ) == ("dora-rslora", "True", "0.9", "0.75", "")
+    ) == ("dora-rslora", "True", "0.9", "0.75", "", "")
     md = (out / "comparison.md").read_text()
-    assert md in printed and "| dora-rslora | True | True |" in md and "| 0.7500 | — |" in md
+    assert md in printed and "| dora-rslora | True | True |" in md and "| 0.7500 | — | — |" in md
     page = (out / "comparison.html").read_text()
     assert embedded_pngs(page) == [(out / "val_loss.png").read_bytes()] and "https://" not in page
 

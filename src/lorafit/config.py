@@ -183,6 +183,10 @@ class EvalConfig(Section):
     )
     batch_size: int = Field(64, gt=0, description="Examples per evaluation and prediction batch (length-sorted).")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    baseline: bool = Field(
+        True,
+        description="Also train a TF-IDF + linear SVM on the same training rows and score it on the same validation and test rows (metrics.json, report, summary, compare); false skips it.",
+    )
 
     @field_validator("every")
     @classmethod

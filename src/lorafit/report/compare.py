@@ -48,6 +48,10 @@ def _run_labels(folders: list[Path]) -> list[str]:
     return labels
 
 
+# the result columns after the config keys that differ
+RESULTS = ["trainable_params", "best_val_loss", "val_accuracy", "baseline_val_accuracy", "test_accuracy", "wall_time_s"]
+
+
 def _cell(v) -> str:
     if isinstance(v, (list, dict)):
         return json.dumps(v, separators=(",", ":"))
@@ -71,22 +75,20 @@ def comparison_rows(runs: list[RunFiles], labels: list[str]) -> tuple[list[str],
                 "trainable_params": tr.get("trainable_parameters", (run.budget or {}).get("total")),
                 "best_val_loss": min(val_losses) if val_losses else m.get("val", {}).get("loss"),
                 "val_accuracy": m.get("val", {}).get("accuracy"),
+                # the TF-IDF baseline on the same validation rows: the bar a run has to clear
+                "baseline_val_accuracy": m.get("baseline", {}).get("val", {}).get("accuracy"),
                 "test_accuracy": m.get("test", {}).get("accuracy"),
                 "wall_time_s": tr.get("train_seconds"),
             }
         )
         rows.append(row)
-    return ["run", *differ, "trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s"], rows
+    return ["run", *differ, *RESULTS], rows
 
 
 def _markdown(columns: list[str], rows: list[dict]) -> str:
     def fmt(col, v):
         if v is None or v == "":
-            return (
-                "—"
-                if col in ("test_accuracy", "best_val_loss", "val_accuracy", "wall_time_s", "trainable_params")
-                else ""
-            )
+            return "—" if col in RESULTS else ""
         if col == "trainable_params":
             return f"{int(v):,}"
         if col == "wall_time_s":
@@ -95,10 +97,9 @@ def _markdown(columns: list[str], rows: list[dict]) -> str:
             return f"{v:.4f}"
         return str(v).replace("|", "\\|")
 
-    numeric = {"trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s"}
     lines = [
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|",
+        "|" + "|".join("---:" if c in RESULTS else "---" for c in columns) + "|",
     ]
     lines += ["| " + " | ".join(fmt(c, r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -125,23 +126,12 @@ def compare(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     w.writerows(rows)
     atomic_write_text(out / "comparison.csv", buf.getvalue())
     png = plot_val_loss_overlay(runs, labels, out / "val_loss.png")
-    numeric = {
-        j
-        for j, c in enumerate(columns)
-        if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s")
-    }
-    table_rows = [
-        [
-            fmt(r[c], 1 if c == "wall_time_s" else 4)
-            if c in ("trainable_params", "best_val_loss", "val_accuracy", "test_accuracy", "wall_time_s")
-            else r[c]
-            for c in columns
-        ]
-        for r in rows
-    ]
+    numeric = {j for j, c in enumerate(columns) if c in RESULTS}
+    table_rows = [[fmt(r[c], 1 if c == "wall_time_s" else 4) if c in RESULTS else r[c] for c in columns] for r in rows]
     body = [
         f"<h1>lorafit: {len(runs)} runs compared</h1>",
         "<p>Config keys that differ between the runs, then the results. Validation accuracy is the best checkpoint's; "
+        "baseline_val_accuracy is the TF-IDF + linear SVM baseline's on the same validation rows; "
         "wall time is the training loop's.</p>",
         table(columns, table_rows, numeric),
         figure_html(png, "Validation loss against epoch", wide=True),

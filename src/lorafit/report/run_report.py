@@ -32,7 +32,30 @@ def _summary_rows(run: RunFiles) -> list[list]:
             rows.append(
                 [split, fmt(m.get("samples")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")), fmt(m.get("loss"))]
             )
+    base = run.metrics.get("baseline") or {}
+    for split in ("val", "test"):
+        m = base.get(split)
+        if m:  # the classical bar on the same rows; an SVM has no loss
+            rows.append(
+                [f"{split}, baseline", fmt(m.get("samples")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")), "—"]
+            )
     return rows
+
+
+def _baseline_note(metrics: dict) -> str:
+    base = metrics.get("baseline") or {}
+    if "val" not in base:
+        return "<p>No baseline in this run's metrics.json (eval.baseline off, or a run from an older lorafit).</p>"
+    ours, theirs = metrics.get("val", {}).get("accuracy"), base["val"]["accuracy"]
+    verdict = (
+        f"the adapter beats it by {100 * (ours - theirs):.2f} points on validation"
+        if ours is not None and ours > theirs
+        else "<strong>the adapter does not beat it on validation</strong>"
+    )
+    return (
+        f"<p>Baseline rows: {html.escape(base.get('name', 'baseline'))}, trained on the same training rows in "
+        f"{fmt(base.get('train_seconds'), 1)} s; {verdict}.</p>"
+    )
 
 
 def _budget_html(budget: dict | None) -> str:
@@ -92,6 +115,7 @@ def write_report(folder: Path, being_written: bool = False) -> Path:
         table(None, facts),
         "<h2>Scores (best checkpoint)</h2>",
         table(["split", "rows", "accuracy", "macro-F1", "loss"], _summary_rows(run), {1, 2, 3, 4}),
+        _baseline_note(run.metrics),
         "<h2>Training curves</h2>",
         figure_html(pngs["loss"], "Train and validation loss against epoch"),
         figure_html(pngs["accuracy"], "Validation accuracy against epoch"),

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import baseline, model_card, runs
 from .. import budget as budget_mod
-from .. import model_card, runs
 from ..atomic import atomic_write_text
 from ..batching import Encoded, collate, encode, predict_logits, train_batches
 from ..config import Config, save_config
@@ -416,6 +416,8 @@ def final_metrics(s: Setup, res: Result) -> dict:
     }
     if s.dist.active:
         out["training"]["processes"] = s.dist.world
+    if s.cfg.eval.baseline and s.dist.main:  # the other processes would only repeat it
+        out["baseline"] = baseline.fit_and_score(s.data)
     res.metrics = out
     return out
 
@@ -496,5 +498,7 @@ def run(cfg: Config, out: Path, on_eval=None, resume: bool = False) -> Result:
         d.on_main(write_run)
     d.stop()
     log(summary_line(res, out))
+    if line := baseline.verdict(res.metrics):
+        log(line)
     log(f"accuracy: {res.metrics['val']['accuracy']:.4f}")
     return res
