@@ -41,9 +41,9 @@ class ModelConfig(Section):
         description="A local model folder, a Hugging Face hub id, or builtin:minilm (all-MiniLM-L6-v2, shipped offline).",
     )
     max_length: int = Field(128, gt=0, description="Texts are truncated to this many tokens.")
-    head: Literal["default", "linear"] = Field(
+    head: Literal["default", "linear", "mean"] = Field(
         "default",
-        description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models).",
+        description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models); mean: one Linear on the mean of the token states (how sentence encoders such as all-MiniLM-L6-v2 were trained; BERT and RoBERTa types).",
     )
 
 

@@ -162,11 +162,12 @@ def _base_section(cfg: Config) -> list[str]:
             "needs the same base weights there (or edits that field, and `model.name` in `config.yaml`, to point at "
             "their copy)."
         )
-    head = (
-        "the model's own classification head"
-        if cfg.model.head == "default"
-        else "`linear`: one Linear layer on the first token (lorafit's own head where the model's differs)"
-    )
+    head = {
+        "default": "the model's own classification head",
+        "linear": "`linear`: one Linear layer on the first token (lorafit's own head where the model's differs)",
+        "mean": "`mean`: one Linear layer on the mean of the last layer's token states, padding left out (lorafit's own "
+        "head)",
+    }[cfg.model.head]
     lines += ["", f"Head: {head}; it trains fully. Texts are truncated to {cfg.model.max_length} tokens."]
     return lines
 
@@ -324,6 +325,13 @@ def _usage_section(cfg: Config, label_names: list[str]) -> list[str]:
             "This run uses `model.head: linear`, lorafit's own head where the model's differs (RoBERTa- and "
             "DistilBERT-type models): plain peft rebuilds the model's own head and cannot rebuild that one, so "
             "load the run with lorafit (below) instead.",
+        ]
+    elif cfg.model.head == "mean":
+        plain += [
+            "",
+            "This run uses `model.head: mean`, lorafit's own head (a Linear on the mean of the token states): plain "
+            "peft rebuilds the model's own first-token head and would load these head weights into it, giving wrong "
+            "predictions, so load the run with lorafit (below) instead.",
         ]
     lorafit_use = [
         "",

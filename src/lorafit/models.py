@@ -163,11 +163,78 @@ class FirstTokenHead(nn.Module):
         return self.out_proj(self.dropout(features[:, 0]))
 
 
+class MaskBox:
+    """Where the encoder's pre-hook leaves the attention mask of the current batch for the mean pooling.
+
+    peft deep-copies a head it trains (modules_to_save); a copied box would never see a mask, so copying
+    returns the box itself."""
+
+    mask: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class MaskedMean(nn.Module):
+    """The mean of the token states under the attention mask (padding left out): sentence-transformers' pooling.
+
+    all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling; its pooled first token was not trained
+    for sentence meaning. The mask comes from a forward pre-hook on the encoder (`remember_mask`), because the
+    modules after it (BERT's pooler, RoBERTa's head) are not handed it.
+    """
+
+    reads_every_token = True  # the fast path must not cut the last layer down to the first token
+
+    def __init__(self, box: MaskBox):
+        super().__init__()
+        self.box = box
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if self.box.mask is None:
+            return states.mean(1)
+        mask = self.box.mask[:, : states.shape[1], None].to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def remember_mask(encoder: nn.Module, box: MaskBox) -> None:
+    def hook(module, args, kwargs):
+        box.mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class MeanPooler(nn.Module):
+    """BERT's pooler slot, filled with the masked mean instead of dense + tanh on the first token."""
+
+    def __init__(self, mean: MaskedMean):
+        super().__init__()
+        self.mean = mean
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mean(hidden_states)
+
+
+class MeanHead(nn.Module):
+    """One Linear on the masked mean of the token states: the `mean` head for models whose own head takes the
+    sequence (RoBERTa)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float, mean: MaskedMean):
+        super().__init__()
+        self.mean = mean
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features, **kwargs):
+        return self.out_proj(self.dropout(self.mean(features)))
+
+
 def apply_head(model: nn.Module, head: str) -> nn.Module:
-    """Swap the model's own head for the `linear` one where they differ.
+    """Swap the model's own head for the `linear` or `mean` one where they differ.
 
     BERT's own head already is one Linear on the pooled first token; RoBERTa's has an extra 768x768 dense
-    layer (590k parameters) that `linear` drops; DistilBERT's pre_classifier is bypassed.
+    layer (590k parameters) that `linear` drops; DistilBERT's pre_classifier is bypassed. `mean` reads the
+    masked mean of the last layer's token states instead of the first token, with one Linear as BERT's head
+    has: for BERT the pooler slot computes the mean, for RoBERTa a MeanHead replaces the head.
     """
     if head == "default":
         return model
@@ -179,6 +246,21 @@ def apply_head(model: nn.Module, head: str) -> nn.Module:
         or getattr(mc, "seq_classif_dropout", 0.1)
     )
     classifier = getattr(model, "classifier", None)
+    if head == "mean":
+        box = MaskBox()
+        mean = MaskedMean(box)
+        encoder = getattr(model, model.base_model_prefix, None)
+        if encoder is not None and hasattr(classifier, "out_proj"):
+            model.classifier = MeanHead(hidden, mc.num_labels, dropout, mean)
+        elif isinstance(classifier, nn.Linear) and getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = MeanPooler(mean)
+        else:
+            raise LorafitError(
+                f"model.head=mean is not supported for model type {mc.model_type!r} (BERT- and RoBERTa-type models "
+                "only); use model.head=default or linear"
+            )
+        remember_mask(encoder, box)
+        return model
     if classifier is not None and hasattr(classifier, "out_proj"):
         model.classifier = FirstTokenHead(hidden, mc.num_labels, dropout)
     elif hasattr(model, "pre_classifier"):

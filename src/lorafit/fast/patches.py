@@ -245,6 +245,8 @@ def first_token_last_layer(model: nn.Module) -> bool:
     Returns whether it applied; other architectures keep their full forward."""
     if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
         return False
+    if any(getattr(m, "reads_every_token", False) for m in model.modules()):  # model.head=mean
+        return False
     layers = [
         m
         for m in model.modules()

@@ -18,7 +18,7 @@ from torch import nn
 from .. import runs
 from ..batching import encode, predict_logits
 from ..errors import LorafitError
-from ..models import FirstTokenHead, build_model
+from ..models import FirstTokenHead, MaskedMean, build_model
 from .loaded import load_run
 
 MAX_ABS_DIFF = 1e-4
@@ -34,8 +34,15 @@ PROBE_TEXTS = [
 
 
 def _check_head_exportable(cfg, n_labels: int) -> None:
-    """`model.head: linear` on RoBERTa-like models swaps in lorafit's FirstTokenHead, which transformers cannot rebuild."""
+    """lorafit's own heads (`linear` on RoBERTa-like models, `mean` on any) have no counterpart transformers rebuilds."""
     skeleton = build_model(cfg, n_labels, weights=False)  # meta device: no weights loaded
+    if any(isinstance(m, MaskedMean) for m in skeleton.modules()):
+        raise LorafitError(
+            f"this run uses model.head=mean, a Linear on the mean of the token states, which transformers' "
+            f"{type(skeleton).__name__} cannot rebuild (it reads the first token), so no plain transformers export is "
+            "possible; use the run itself (`lorafit predict`, `lorafit serve`, `lorafit.load`) or train with "
+            "model.head=default to export"
+        )
     if any(isinstance(m, FirstTokenHead) for m in skeleton.modules()):
         raise LorafitError(
             f"this run uses model.head=linear on {skeleton.config.model_type}, whose one-Linear head has no counterpart in "
