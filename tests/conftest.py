@@ -165,7 +165,7 @@ def tiny_run(tiny_bert, ag_sample, tmp_path_factory) -> Path:
 
 
 # Comparing runs: everything but the wall-clock fields must match (tests/test_resume.py, tests/test_distributed.py).
-TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s"}
+TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s", "val_eval_seconds"}
 
 
 def untimed(x):

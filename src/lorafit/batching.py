@@ -109,13 +109,15 @@ def predict_logits(
         model.eval()
     out = np.zeros((len(enc), model.config.num_labels), dtype=np.float32)
     batches = eval_batches(enc.lengths, batch_size)
+    quiet = progress is None or len(enc) < 2 * batch_size
+    # when shown, TQDM_DISABLE=1 (tqdm's own switch, which `lorafit fit` sets under its one bar) still hides it
     bar = tqdm(
         total=len(enc),
         desc=progress,
         unit="ex",
         leave=False,
-        disable=progress is None or len(enc) < 2 * batch_size,
         dynamic_ncols=True,
+        **({"disable": True} if quiet else {}),
     )
     with torch.no_grad() if was_training else torch.inference_mode():
         for index in batches:

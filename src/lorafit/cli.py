@@ -451,6 +451,37 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def add_fit(sub) -> None:
+    p = sub.add_parser(
+        "fit",
+        help="spend a time budget on short trials of candidate recipes, then train the best (by validation) to the deadline",
+    )
+    _config_args(p)
+    p.add_argument("--minutes", type=float, required=True, metavar="M", help="the time budget, in minutes")
+    p.add_argument(
+        "--budget",
+        type=int,
+        metavar="N",
+        help="trainable-parameter budget (default: the config's budget.max_trainable)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="fit folder (a sweep folder: trial runs, final/, results.md); re-running the same command resumes it",
+    )
+    p.set_defaults(fn=cmd_fit)
+
+
+def cmd_fit(a) -> int:
+    from .config import load_config
+    from .experiments.fit import fit
+
+    fit(load_config(a.config, a.overrides), a.minutes, a.output, a.budget)
+    return 0
+
+
 def add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -565,6 +596,7 @@ COMMANDS = (
     add_serve,
     add_plan,
     add_sweep,
+    add_fit,
 )
 
 

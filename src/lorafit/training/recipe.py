@@ -63,6 +63,38 @@ def check_budget(cfg: Config, num_labels: int) -> budget_mod.Budget:
     return b
 
 
+class SharedInputs:
+    """The data and its tokenised splits, kept for the runs of one process that read the same rows (the trials of
+    `lorafit fit`): otherwise each run reads and tokenises them again, a fixed cost that short runs feel."""
+
+    def __init__(self):
+        self._kept: dict[str, object] = {}
+
+    def get(self, key: list, make):
+        k = json.dumps(key, sort_keys=True, default=str)
+        if k not in self._kept:
+            self._kept[k] = make()
+        return self._kept[k]
+
+
+_shared: SharedInputs | None = None
+
+
+@contextlib.contextmanager
+def sharing_inputs():
+    """Within this block, runs with the same data settings share one loaded copy of the data and its tokens."""
+    global _shared
+    before, _shared = _shared, SharedInputs()
+    try:
+        yield
+    finally:
+        _shared = before
+
+
+def _inputs(key: list, make):
+    return _shared.get(key, make) if _shared is not None else make()
+
+
 def setup(cfg: Config) -> Setup:
     d = distributed.current()
     set_threads(cfg.speed.num_threads or (d.cpu_threads() if d.active else None))
@@ -70,15 +102,21 @@ def setup(cfg: Config) -> Setup:
     dtype = resolve_precision(cfg.train.precision, device)
     known = known_num_labels(cfg)
     b = check_budget(cfg, known) if known else None  # over budget: stop before reading any data
-    data = load_data(cfg.data, cfg.train.seed)
+    data_key = [cfg.data.model_dump(), cfg.train.seed]
+    data = _inputs(["data", *data_key], lambda: load_data(cfg.data, cfg.train.seed))
     for note in data.train.notes:
         log(f"note: {note}")
     if b is None:
         b = check_budget(cfg, len(data.label_names))
-    tokenizer = load_tokenizer(cfg.model.name)
-    encode_split = lambda s: encode(tokenizer, s.texts, s.labels, cfg.model.max_length)  # noqa: E731
-    train_enc, val_enc = encode_split(data.train), encode_split(data.val)
-    test_enc = encode_split(data.test) if data.test else None
+    tokenizer = _inputs(["tokenizer", cfg.model.name], lambda: load_tokenizer(cfg.model.name))
+
+    def encode_split(name: str):
+        split = getattr(data, name)
+        make = lambda: encode(tokenizer, split.texts, split.labels, cfg.model.max_length)  # noqa: E731
+        return _inputs(["encoded", name, cfg.model.name, cfg.model.max_length, *data_key], make)
+
+    train_enc, val_enc = encode_split("train"), encode_split("val")
+    test_enc = encode_split("test") if data.test else None
 
     torch.manual_seed(cfg.train.seed)
     model = wrap(build_model(cfg, len(data.label_names), data.label_names), cfg)
@@ -395,7 +433,9 @@ def train(
 
 
 def final_metrics(s: Setup, res: Result) -> dict:
+    started = time.perf_counter()
     val = evaluate(s, s.val_enc, "eval val")
+    val_seconds = time.perf_counter() - started  # lets `lorafit fit` foresee what scoring more rows costs
     out = {"val": {k: v for k, v in val.items() if k != "_logits"}}
     if s.test_enc is not None:
         test = evaluate(s, s.test_enc, "eval test")
@@ -410,6 +450,7 @@ def final_metrics(s: Setup, res: Result) -> dict:
         "train_samples_per_s": round(
             res.steps * s.cfg.train.batch_size * s.dist.world * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2
         ),
+        "val_eval_seconds": round(val_seconds, 2),
         "trainable_parameters": s.budget.total,
         "precision": str(s.dtype).replace("torch.", ""),
         "device": s.device.type,

@@ -1,0 +1,296 @@
+"""`lorafit fit --minutes M`: the most accurate classifier a time budget buys, selected on validation rows only.
+
+A share of the time goes to short trials of a few candidate recipes (each a normal run folder, trained to its own
+small deadline on the training rows, scored on validation only); the winner by validation accuracy is then trained
+on all training rows for the rest of the time, its schedule planned to the deadline, and is the only run that sees
+the test rows. Everything runs in this one process, so imports are paid once.
+
+    DIR/                        a sweep folder: `lorafit compare DIR` and `lorafit report` work on it
+      sweep.yaml                the base config (a re-run with another base is refused)
+      fit.json                  minutes asked, each trial's time, time spent, the winner: a re-run resumes from it
+      <point>-s<seed>/          one trial run per candidate
+      final/                    the winner on all training rows, to the deadline (test rows scored, baseline)
+      results.csv, results.md   trials and final, one row each
+
+A killed fit resumes by running the same command: finished trials are kept, an interrupted trial or final run
+continues from its newest checkpoint, and the time already spent counts against the minutes asked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .. import runs
+from ..atomic import atomic_write_text
+from ..config import Config
+from ..errors import LorafitError
+from ..training.recipe import sharing_inputs
+from .points import Point, Skeletons, apply_point, describe, resolve_points
+from .sweep_folder import check_base, lock, log, run_one
+from .tables import POINT_FILE, Row, aggregate, read_record, write_tables
+
+FIT_FILE = "fit.json"
+FINAL = "final"
+
+# What the trials compare, on top of the base config. Measured on held-out AG News rows with the embedded MiniLM
+# (docs/accuracy.md): the mean head is the largest single lever; the learning rate and the rank are the ones worth
+# a short trial. The model's own head stays in, so a base for which the mean is no better can still win.
+CANDIDATES = [
+    {"model.head": "mean", "train.lr": 1e-3},
+    {"model.head": "mean", "train.lr": 2e-3},
+    {"model.head": "mean", "lora.r": 16, "lora.alpha": 32, "train.lr": 1e-3},
+    {"model.head": "default", "train.lr": 1e-3},
+]
+TRIAL_SHARE = 0.25  # of the minutes asked, spent on trials
+MIN_TRIAL_SECONDS = 20.0  # below this a trial says little; fewer candidates are tried instead
+LONG_ENOUGH = 1000.0  # epochs: the deadline, not the epoch count, ends every fit run
+CHECKPOINT_SECONDS = 120.0  # the final run checkpoints about this often, so a kill loses at most this much
+# The final run's fixed cost beyond a trial's (the test rows at the trials' evaluation rate, the baseline, restoring
+# the best checkpoint) is estimated as a trial's fixed cost times this; above the estimate a fit may overrun by grace().
+OVERHEAD_FACTOR = 1.5
+GRACE_SECONDS = 60.0
+
+
+def grace(minutes: float) -> float:
+    """How much longer than asked a fit may take: the fixed cost of the final run is estimated, not known."""
+    return max(GRACE_SECONDS, 0.03 * minutes * 60)
+
+
+def _trial_settings(seconds: float) -> dict:
+    return {
+        "train.epochs": LONG_ENOUGH,
+        "train.max_seconds": round(seconds, 1),
+        "data.test_source": None,  # selection sees validation rows only
+        "eval.baseline": False,
+        "eval.early_stopping.patience": 0,
+        "checkpoint.every": None,
+    }
+
+
+def candidates(base: Config) -> tuple[list[Point], list[str]]:
+    """The candidates that apply to this model and fit its budget, and a note for each one left out."""
+    skeletons, points, notes = Skeletons(), [], []
+    for c in CANDIDATES:
+        try:
+            (p,) = resolve_points(base, [c], skeletons=skeletons)
+        except LorafitError as e:  # e.g. the mean head on a DistilBERT base
+            notes.append(f"left out {describe(c)}: {e}")
+            continue
+        if p.over_budget:
+            notes.append(f"left out {describe(c)}: {p.budget.total:,} trainable > {p.budget.max_trainable:,}")
+            continue
+        points.append(p)
+    if not points:
+        raise LorafitError(
+            f"none of fit's {len(CANDIDATES)} candidate recipes applies to {base.model.name} within the budget of "
+            f"{base.budget.max_trainable:,} ({'; '.join(notes)}); raise --budget, or train a layout from `lorafit plan` "
+            "with `lorafit train`"
+        )
+    return points, notes
+
+
+class Clock:
+    """Seconds of the budget spent, across a kill: fit.json keeps what finished phases took."""
+
+    def __init__(self, total: float, spent: float):
+        self.total, self.start = total, time.perf_counter() - spent
+
+    @property
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def left(self) -> float:
+        return self.total - self.spent
+
+
+@contextmanager
+def budget_bar(clock: Clock, phase: list[str]):
+    """One progress bar for the whole budget, in seconds; the runs' own bars are hidden under it."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; the bar below opts out of it
+    bar = tqdm(total=round(clock.total), desc="fit", unit="s", disable=False, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.n = min(round(clock.spent), bar.total)
+            bar.set_postfix_str(phase[0], refresh=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.n = round(clock.spent)
+        bar.close()
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+
+
+def _read_state(out: Path, minutes: float) -> dict:
+    path = out / FIT_FILE
+    if not path.exists():
+        return {"minutes": minutes, "spent_seconds": 0.0, "trial_seconds": {}, "final": None}
+    state = json.loads(path.read_text())
+    if state["minutes"] != minutes:
+        raise LorafitError(
+            f"{out} holds a fit of --minutes {state['minutes']:g}, not {minutes:g}; re-run with --minutes "
+            f"{state['minutes']:g} to resume it, or pick a new -o folder"
+        )
+    return state
+
+
+def _save_state(out: Path, state: dict) -> None:
+    atomic_write_text(out / FIT_FILE, json.dumps(state, indent=1))
+
+
+def _training(folder: Path) -> dict:
+    return json.loads((folder / runs.METRICS).read_text())["training"]
+
+
+def _overhead(folder: Path) -> float:
+    """A finished run's seconds outside its training loop (setup, the last evaluation, saving, the report)."""
+    info = json.loads((folder / POINT_FILE).read_text())
+    return max(0.0, info["wall_seconds"] - _training(folder)["train_seconds"])
+
+
+def _pick(trials: list[tuple[Point, Path]]) -> tuple[Point, Path]:
+    """The best trial by validation accuracy; ties by the lower validation loss."""
+    done = [(p, f) for p, f in trials if runs.is_complete(f)]
+    if not done:
+        raise LorafitError("no trial finished; fix the cause above and re-run the same command to resume the fit")
+    return max(done, key=lambda pf: (read_record(pf[1])["val_accuracy"], -read_record(pf[1])["best_val_loss"]))
+
+
+def _final_seconds(clock: Clock, trials: list[Path], n_val: int, n_test: int) -> tuple[float, float]:
+    """Training seconds for the final run, from what the trials measured, and their training rate (samples/s)."""
+    fixed = max(_overhead(f) for f in trials)
+    test_cost = max(_training(f).get("val_eval_seconds", fixed) for f in trials) * n_test / max(n_val, 1)
+    seconds = clock.left - OVERHEAD_FACTOR * fixed - test_cost
+    rate = max(_training(f)["train_samples_per_s"] for f in trials)
+    return seconds, rate
+
+
+def _rows(trials: list[tuple[Point, Path]], final: Path, winner: Point) -> tuple[list[Row], list[str]]:
+    keys = ["phase", *dict.fromkeys(k for p, _ in trials for k in p.overrides)]
+    rows = []
+    for (p, folder), phase in [*((t, "trial") for t in trials), ((winner, final), "final")]:
+        done = runs.is_complete(folder)
+        values = aggregate([read_record(folder)] if done else [])
+        if values["trainable"][0] is None:
+            values["trainable"] = [p.budget.total, None]
+        cells = {"phase": phase} | {k: p.overrides.get(k, "") for k in keys[1:]}
+        rows.append(Row(cells, "done" if done else "incomplete", int(done), values, [folder.name] if done else []))
+    return rows, keys
+
+
+def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> Path:
+    """Spend `minutes` on trials and the winner's final run in `out`; returns the final run folder."""
+    if not minutes > 0:
+        raise LorafitError(f"--minutes {minutes:g}: expected a positive number of minutes, e.g. --minutes 30")
+    if budget is not None:
+        base = base.model_copy(deep=True)
+        base.budget.max_trainable = budget
+    points, notes = candidates(base)
+    total = minutes * 60
+    with lock(out):
+        check_base(out, base)
+        state = _read_state(out, minutes)
+        clock = Clock(total, state["spent_seconds"])
+        trial_budget = TRIAL_SHARE * total
+        n = max(1, min(len(points), int(trial_budget // (2 * MIN_TRIAL_SECONDS))))
+        if n < len(points):
+            notes.append(f"{len(points) - n} candidate(s) left out: {minutes:g} minutes leave too little for them")
+        points = points[:n]
+        trials = [(p, out / f"{p.name}-s{p.cfg.train.seed}") for p in points]
+        log(
+            f"fit {out}: {minutes:g} minutes (+ up to {grace(minutes):.0f}s grace): {len(trials)} trial(s) on "
+            f"{TRIAL_SHARE:.0%} of the time, then the winner on all training rows to the deadline"
+        )
+        for note in notes:
+            log(f"  {note}")
+        phase = ["trials"]
+        with budget_bar(clock, phase), sharing_inputs():
+            for i, (p, folder) in enumerate(trials):
+                if runs.is_complete(folder):
+                    continue
+                name = folder.name
+                if name not in state["trial_seconds"]:
+                    earlier = [f for _, f in trials[:i] if runs.is_complete(f)]
+                    fixed = max((_overhead(f) for f in earlier), default=MIN_TRIAL_SECONDS)
+                    share = (trial_budget - clock.spent) / (len(trials) - i)
+                    state["trial_seconds"][name] = max(MIN_TRIAL_SECONDS, share - fixed)
+                    _save_state(out, state)
+                seconds = state["trial_seconds"][name]
+                phase[0] = f"trial {i + 1}/{len(trials)}"
+                log(f"\n=== fit trial {i + 1}/{len(trials)}: {describe(p.overrides)}, {seconds:.0f}s of training")
+                cfg = _apply(p.cfg, _trial_settings(seconds))
+                try:
+                    run_one(cfg, folder, point=p.overrides, seed=cfg.train.seed, role="trial")
+                except LorafitError as e:  # e.g. a diverging learning rate: the other candidates still run
+                    log(f"lorafit: trial failed: {e}")
+                state["spent_seconds"] = clock.spent
+                _save_state(out, state)
+
+            winner, _ = _pick(trials)
+            final = out / FINAL
+            if state["final"] is None or state["final"]["point"] != winner.overrides:
+                done = [f for _, f in trials if runs.is_complete(f)]
+                n_val, n_test = _split_sizes(base)
+                seconds, rate = _final_seconds(clock, done, n_val, n_test)
+                if seconds < MIN_TRIAL_SECONDS:
+                    raise LorafitError(
+                        f"only {clock.left:.0f}s of the {minutes:g} minutes are left for the final run; "
+                        "give more --minutes (or a smaller data.source)"
+                    )
+                every = max(10, round(CHECKPOINT_SECONDS * rate / winner.cfg.train.batch_size))
+                state["final"] = {
+                    "point": winner.overrides,
+                    "max_seconds": round(seconds, 1),
+                    "checkpoint_every": every,
+                }
+                _save_state(out, state)
+            f = state["final"]
+            if not runs.is_complete(final):
+                phase[0] = "final"
+                log(
+                    f"\n=== fit final: {describe(winner.overrides)} on all training rows, {f['max_seconds']:.0f}s of training"
+                )
+                settings = {"train.max_seconds": f["max_seconds"], "checkpoint.every": f["checkpoint_every"]}
+                cfg = _apply(winner.cfg, {"train.epochs": LONG_ENOUGH} | settings)
+                run_one(cfg, final, point=winner.overrides, seed=cfg.train.seed, role="final")
+                state["spent_seconds"] = clock.spent
+                _save_state(out, state)
+        rows, keys = _rows(trials, final, winner)
+        md = write_tables(out, rows, keys, "val_accuracy", f"fit {out.name}: {minutes:g} minutes", 1)
+    log("\n" + md)
+    log(
+        f"fit done in {state['spent_seconds']:.0f}s of {total:.0f}s asked: {describe(winner.overrides)} -> {final} "
+        f"(val accuracy {read_record(final)['val_accuracy']:.4f})"
+    )
+    return final
+
+
+def _apply(cfg: Config, settings: dict) -> Config:
+    return apply_point(cfg, settings, "fit")
+
+
+def _split_sizes(base: Config) -> tuple[int, int]:
+    """Validation and test rows of the base config's data (the final run scores both)."""
+    from ..data import load_data
+
+    data = load_data(base.data, base.train.seed)
+    return len(data.val.texts), len(data.test.texts) if data.test else 0
