@@ -66,6 +66,7 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
     taken = time.perf_counter() - start
     assert taken <= SECONDS + fit_mod.grace(SECONDS / 60), taken
     assert final == out / "final" and runs.is_complete(final)
+    assert (final / "report.html").is_file()  # a deadline-planned schedule still gets its report
 
     state = json.loads((out / "fit.json").read_text())
     trials = [out / name for name in state["trial_seconds"]]
@@ -93,6 +94,23 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
     capsys.readouterr()
     assert cli(["compare", str(out), "-o", str(tmp_path / "cmp")]) == 0  # a normal sweep folder
     assert "final" in capsys.readouterr().out
+
+
+def test_a_fit_too_short_for_trials_trains_the_base_config_to_the_deadline(settings, tmp_path, monkeypatch):
+    """With the real trial floor, seconds of budget buy no trial: one trial would select nothing."""
+    monkeypatch.setattr(fit_mod, "CANDIDATES", [{}, *TINY_CANDIDATES])
+    monkeypatch.setattr(fit_mod, "UNMEASURED_FIXED_SECONDS", 6.0)
+    out = tmp_path / "fit"
+    start = time.perf_counter()
+    final = fit_mod.fit(load_config(None, settings), SECONDS / 60, out)
+    taken = time.perf_counter() - start
+    assert taken <= SECONDS + fit_mod.grace(SECONDS / 60), taken
+    state = json.loads((out / "fit.json").read_text())
+    assert state["trial_seconds"] == {} and state["final"]["point"] == {}
+    assert state["final"]["max_seconds"] == pytest.approx(SECONDS - 6.0, abs=1.0)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["training"]["train_seconds"] == pytest.approx(state["final"]["max_seconds"], abs=1.0)
+    assert (out / "results.md").read_text().count("| final |") == 1
 
 
 def test_a_killed_fit_resumes_to_a_finished_run(settings, tmp_path):

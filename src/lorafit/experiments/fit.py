@@ -36,23 +36,31 @@ from .tables import POINT_FILE, Row, aggregate, read_record, write_tables
 FIT_FILE = "fit.json"
 FINAL = "final"
 
-# What the trials compare, on top of the base config, most promising first (a short fit only has time for the first
-# few). From equal-step runs on held-out AG News rows with the embedded MiniLM (docs/accuracy.md): a higher learning
-# rate was the one clear gain, a higher rank a smaller one, and the mean head on its own was no better than the
-# model's pooled head; the base recipe stays in, so a base on which none of these helps can still win.
+# What the trials compare, on top of the base config, in order: a fit with time for only a few trials runs the first
+# few. The base config comes first, so a fit too short for trials trains what the user asked for. The others are the
+# levers that gained something in equal-step runs on held-out AG News rows with the embedded MiniLM (docs/accuracy.md):
+# a higher learning rate, with the mean head, and a higher rank.
 CANDIDATES = [
+    {},
     {"model.head": "mean", "train.lr": 2e-3},
     {"train.lr": 2e-3},
     {"model.head": "mean", "lora.r": 16, "lora.alpha": 32, "train.lr": 2e-3},
-    {},
 ]
 TRIAL_SHARE = 0.25  # of the minutes asked, spent on trials
-MIN_TRIAL_SECONDS = 20.0  # below this a trial says little; fewer candidates are tried instead
+# Below this much training a trial cannot tell the candidates apart: on validation sets of a few thousand rows, the
+# differences between them are smaller than the noise until trials run for minutes (docs/accuracy.md). Fewer
+# candidates are tried instead, and with fewer than two there are no trials: the whole budget trains the base config.
+MIN_TRIAL_SECONDS = 120.0
 LONG_ENOUGH = 1000.0  # epochs: the deadline, not the epoch count, ends every fit run
 CHECKPOINT_SECONDS = 120.0  # the final run checkpoints about this often, so a kill loses at most this much
 # The final run's fixed cost beyond a trial's (the test rows at the trials' evaluation rate, the baseline, restoring
 # the best checkpoint) is estimated as a trial's fixed cost times this; above the estimate a fit may overrun by grace().
 OVERHEAD_FACTOR = 1.5
+# Without trials nothing has measured the final run's fixed cost; this stands in for it (grace() covers the error).
+UNMEASURED_FIXED_SECONDS = 45.0
+# nor its training rate: the final run checkpoints every this many steps instead of every CHECKPOINT_SECONDS
+UNMEASURED_CHECKPOINT_STEPS = 200
+MIN_FINAL_SECONDS = 10.0  # a fit that leaves its final run less training than this is refused
 GRACE_SECONDS = 60.0
 
 
@@ -212,14 +220,20 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
         state = _read_state(out, minutes)
         clock = Clock(total, state["spent_seconds"])
         trial_budget = TRIAL_SHARE * total
-        n = max(1, min(len(points), int(trial_budget // (2 * MIN_TRIAL_SECONDS))))
-        if n < len(points):
+        n = min(len(points), int(trial_budget // (2 * MIN_TRIAL_SECONDS)))
+        if n < 2:  # one trial would select nothing: the base config gets the whole budget
+            notes.append(f"no trials: {minutes:g} minutes are too few to tell candidates apart; training the first")
+            n = 0
+        elif n < len(points):
             notes.append(f"{len(points) - n} candidate(s) left out: {minutes:g} minutes leave too little for them")
-        points = points[:n]
+        first, points = points[0], points[:n]
         trials = [(p, out / f"{p.name}-s{p.cfg.train.seed}") for p in points]
         log(
             f"fit {out}: {minutes:g} minutes (+ up to {grace(minutes):.0f}s grace): {len(trials)} trial(s) on "
             f"{TRIAL_SHARE:.0%} of the time, then the winner on all training rows to the deadline"
+            if trials
+            else f"fit {out}: {minutes:g} minutes (+ up to {grace(minutes):.0f}s grace): "
+            f"{describe(first.overrides)} on all training rows to the deadline"
         )
         for note in notes:
             log(f"  {note}")
@@ -246,18 +260,21 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
                 state["spent_seconds"] = clock.spent
                 _save_state(out, state)
 
-            winner, _ = _pick(trials)
+            winner = _pick(trials)[0] if trials else first
             final = out / FINAL
             if state["final"] is None or state["final"]["point"] != winner.overrides:
                 done = [f for _, f in trials if runs.is_complete(f)]
-                n_val, n_test = _split_sizes(base)
-                seconds, rate = _final_seconds(clock, done, n_val, n_test)
-                if seconds < MIN_TRIAL_SECONDS:
+                if done:
+                    n_val, n_test = _split_sizes(base)
+                    seconds, rate = _final_seconds(clock, done, n_val, n_test)
+                    every = max(10, round(CHECKPOINT_SECONDS * rate / winner.cfg.train.batch_size))
+                else:
+                    seconds, every = clock.left - UNMEASURED_FIXED_SECONDS, UNMEASURED_CHECKPOINT_STEPS
+                if seconds < MIN_FINAL_SECONDS:
                     raise LorafitError(
                         f"only {clock.left:.0f}s of the {minutes:g} minutes are left for the final run; "
                         "give more --minutes (or a smaller data.source)"
                     )
-                every = max(10, round(CHECKPOINT_SECONDS * rate / winner.cfg.train.batch_size))
                 state["final"] = {
                     "point": winner.overrides,
                     "max_seconds": round(seconds, 1),

@@ -102,12 +102,13 @@ def lr_curve(run: RunFiles) -> tuple[list[int], list[float]] | None:
     if not h or not steps_run:
         return None
     try:
-        t = validate(run.config, "config.yaml").train
+        cfg = validate(run.config, "config.yaml")
     except LorafitError:
         return None
+    t = cfg.train
     if t.max_steps:
         total = t.max_steps
-    elif t.eval_every == "epoch":
+    elif cfg.eval.every == "epoch":
         total = max(1, math.ceil(h[0]["step"] * t.epochs)) if t.epochs >= 1 else h[0]["step"]
     else:
         return None  # the steps per epoch would need the training data
