@@ -103,6 +103,11 @@ class LoraConfig(Section):
     layers_to_transform: list[int] | None = Field(
         None, description="Adapt only these layer indices (needs target_modules as a list)."
     )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices and the vectors (biases, DoRA magnitudes) learn at train.lr times this (peft's create_loraplus_optimizer); null: one learning rate for all.",
+    )
 
     @field_validator("init")
     @classmethod

@@ -78,8 +78,19 @@ class Schedule:
         self.base = [b * factor for b in self.base]
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
-    """AdamW; like Trainer, no decay on biases and norm weights."""
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, loraplus_lr_ratio: float | None = None):
+    """AdamW; like Trainer, no decay on biases and norm weights. With a LoRA+ ratio, peft's grouping instead."""
+    if loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=lr,
+            loraplus_lr_ratio=loraplus_lr_ratio,
+            loraplus_weight_decay=weight_decay,
+            fused=True,
+        )
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -210,7 +210,7 @@ class Loop:
         self.total = t.max_steps or max(1, math.ceil(self.steps_per_epoch * t.epochs))
         every = s.cfg.eval.every
         self.eval_every = self.steps_per_epoch if every == "epoch" else every
-        optimizer = make_optimizer(s.model, t.lr, t.weight_decay)
+        optimizer = make_optimizer(s.model, t.lr, t.weight_decay, s.cfg.lora.loraplus_lr_ratio)
         schedule = Schedule(optimizer, t.scheduler, self.total, math.ceil(t.warmup_ratio * self.total), t.max_seconds)
         trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
         self.state = TrainingState(optimizer, schedule, trainable)
