@@ -66,6 +66,8 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
     taken = time.perf_counter() - start
     assert taken <= SECONDS + fit_mod.grace(SECONDS / 60), taken
     assert final == out / "final" and runs.is_complete(final)
+    bars = capsys.readouterr().err
+    assert "fit:" in bars and "train:" not in bars and "eval" not in bars  # one bar for the whole budget
     assert (final / "report.html").is_file()  # a deadline-planned schedule still gets its report
 
     state = json.loads((out / "fit.json").read_text())

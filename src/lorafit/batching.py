@@ -7,6 +7,7 @@ compute on short texts such as news headlines.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,24 @@ class Encoded:
     @property
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+# Set while `lorafit fit` shows its one bar for the whole budget: the runs under it hide their own. (tqdm's own
+# TQDM_DISABLE is read once, when tqdm is imported, so it cannot be switched on for a while.)
+_hide_bars = [False]
+
+
+@contextmanager
+def bars_hidden():
+    before, _hide_bars[0] = _hide_bars[0], True
+    try:
+        yield
+    finally:
+        _hide_bars[0] = before
+
+
+def bars_are_hidden() -> bool:
+    return _hide_bars[0]
 
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
@@ -109,8 +128,8 @@ def predict_logits(
         model.eval()
     out = np.zeros((len(enc), model.config.num_labels), dtype=np.float32)
     batches = eval_batches(enc.lengths, batch_size)
-    quiet = progress is None or len(enc) < 2 * batch_size
-    # when shown, TQDM_DISABLE=1 (tqdm's own switch, which `lorafit fit` sets under its one bar) still hides it
+    quiet = progress is None or len(enc) < 2 * batch_size or bars_are_hidden()
+    # passed only when quiet: otherwise tqdm's own TQDM_DISABLE, set by the user, still decides
     bar = tqdm(
         total=len(enc),
         desc=progress,

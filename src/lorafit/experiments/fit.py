@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import runs
 from ..atomic import atomic_write_text
+from ..batching import bars_hidden
 from ..config import Config
 from ..errors import LorafitError
 from ..training.recipe import sharing_inputs
@@ -120,12 +121,8 @@ class Clock:
 @contextmanager
 def budget_bar(clock: Clock, phase: list[str]):
     """One progress bar for the whole budget, in seconds; the runs' own bars are hidden under it."""
-    import os
-
     from tqdm.auto import tqdm
 
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch; the bar below opts out of it
     bar = tqdm(total=round(clock.total), desc="fit", unit="s", disable=False, dynamic_ncols=True)
     stop = threading.Event()
 
@@ -137,16 +134,13 @@ def budget_bar(clock: Clock, phase: list[str]):
     thread = threading.Thread(target=tick, daemon=True)
     thread.start()
     try:
-        yield
+        with bars_hidden():
+            yield
     finally:
         stop.set()
         thread.join()
         bar.n = round(clock.spent)
         bar.close()
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
 
 
 def _read_state(out: Path, minutes: float) -> dict:

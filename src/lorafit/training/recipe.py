@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import baseline, model_card, runs
 from .. import budget as budget_mod
 from ..atomic import atomic_write_text
-from ..batching import Encoded, collate, encode, predict_logits, train_batches
+from ..batching import Encoded, bars_are_hidden, collate, encode, predict_logits, train_batches
 from ..config import Config, save_config
 from ..data import Data, known_num_labels, load_data
 from ..errors import LorafitError
@@ -369,7 +369,8 @@ class Loop:
         s, st, d, t = self.s, self.state, self.s.dist, self.s.cfg.train
         p = st.progress
         s.model.train()
-        bar = tqdm(total=self.total, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+        hidden = {"disable": True} if bars_are_hidden() else {}  # else the user's TQDM_DISABLE decides
+        bar = tqdm(total=self.total, initial=p.step, desc="train", unit="step", dynamic_ncols=True, **hidden)
         self.say = bar.write if d.main else lambda msg: None
         self.start = time.perf_counter()
         try:
