@@ -183,7 +183,10 @@ def test_unknown_key_without_a_near_match_lists_the_section_keys():
     msg = error_of(["lora.zzzzzz=1"])
     assert "unknown key 'lora.zzzzzz'" in msg and "valid keys here: r, alpha, dropout" in msg
     msg = error_of(["zzzzzz=1"])
-    assert "valid keys here: model, data, lora, train, eval, checkpoint, speed, budget" in msg
+    assert (
+        "valid keys here: model, data, method, lora, ia3, vera, fourierft, loha, lokr, oft, train, eval, checkpoint, speed, budget"
+        in msg
+    )
 
 
 def test_unknown_key_in_a_yaml_file(tmp_path):

@@ -14,18 +14,19 @@ from torch import nn
 
 from .config import Config
 from .errors import BudgetExceeded
-from .models import build_model, head_modules, matched_modules
+from .models import build_model, head_modules, matched_modules, wrap
 
 
 @dataclass
 class Budget:
     model: str
-    parts: dict[str, int]  # lora_A, lora_B, dora_magnitude, head, bias
+    parts: dict[str, int]  # what trains: the adapter's own parts (lora_A, lora_B, dora_magnitude, ...), head, bias
     per_module: dict[str, dict[str, int]]  # module name suffix -> {modules, params}
     total: int
     max_trainable: int
     base_total: int = 0  # all parameters of the base model with its head
     head_modules: list[str] = field(default_factory=list)
+    method: str = "lora"
 
     @property
     def margin(self) -> int:
@@ -35,12 +36,16 @@ class Budget:
         return asdict(self) | {"margin": self.margin}
 
     def table(self) -> str:
-        lines = [f"trainable parameters for {self.model}"]
+        lines = [
+            f"trainable parameters for {self.model}" + (f", method {self.method}" if self.method != "lora" else "")
+        ]
         width = max(len(k) for k in list(self.parts) + list(self.per_module) + ["total"]) + 4
         lines.append("  by part:")
         for k, v in self.parts.items():
             lines.append(f"    {k:<{width}}{v:>12,}")
         lines.append("  by module type (adapted modules, their adapter parameters):")
+        if not self.per_module:
+            lines.append("    (none: a method whose parameters all adapted layers share)")
         for k, v in self.per_module.items():
             lines.append(f"    {k:<{width}}{v['params']:>12,}  in {v['modules']} modules")
         if self.head_modules:
@@ -58,6 +63,8 @@ def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
 
     `model` may be given (unwrapped, any device); otherwise a weightless skeleton is built.
     """
+    if cfg.method != "lora":
+        return counted(cfg, num_labels, model)
     if model is None:
         model = build_model(cfg, num_labels, weights=False)
     lora = cfg.lora
@@ -97,12 +104,78 @@ def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
     )
 
 
+def counted(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Budget:
+    """The budget of a method other than LoRA, counted on a weightless skeleton that peft itself wrapped: what it
+    trains, by part (the adapter's own parameter names: ia3_l, vera_lambda_b, fourierft_spectrum, hada_w1_a, ...),
+    so a method needs no arithmetic of its own. `model` (unwrapped) is copied first: peft wraps a model in place."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = build_model(cfg, num_labels, weights=False) if model is None else copy.deepcopy(model)
+    heads = head_modules(model)
+    base_total = sum(p.numel() for p in model.parameters())
+    wrapped = wrap(model, cfg)
+    adapter_names = set()
+    for m in wrapped.modules():
+        if isinstance(m, BaseTunerLayer):
+            adapter_names.update(m.adapter_layer_names)
+    prefix = "base_model.model."
+    parts: dict[str, int] = {}
+    per_module: dict[str, dict[str, int]] = {}
+    modules_seen: dict[str, set[str]] = {}
+    for name, p in wrapped.named_parameters():
+        if not p.requires_grad:
+            continue
+        inner = name.removeprefix(prefix)
+        segments = inner.split(".")
+        at = next((i for i, seg in enumerate(segments) if seg in adapter_names), None)
+        if any(inner == h or inner.startswith(h + ".") for h in heads):
+            part = "head"
+        elif at is not None:
+            part = segments[at]
+            module = ".".join(segments[:at])
+            kind = re.sub(r"^.*?\.\d+\.", "", module)
+            entry = per_module.setdefault(kind, {"modules": 0, "params": 0})
+            entry["params"] += p.numel()
+            modules_seen.setdefault(kind, set()).add(module)
+            entry["modules"] = len(modules_seen[kind])
+        else:
+            part = "bias" if inner.endswith(".bias") else segments[-1]
+        parts[part] = parts.get(part, 0) + p.numel()
+    parts = {k: parts[k] for k in sorted(parts, key=lambda k: (k in ("head", "bias"), k))}  # the adapter's first
+    return Budget(
+        model=cfg.model.name,
+        parts=parts,
+        per_module=per_module,
+        total=sum(parts.values()),
+        max_trainable=cfg.budget.max_trainable,
+        base_total=base_total,
+        head_modules=heads,
+        method=cfg.method,
+    )
+
+
 def check(budget: Budget) -> None:
     if budget.total > budget.max_trainable:
         raise BudgetExceeded(
             f"{budget.total:,} trainable parameters exceed budget.max_trainable={budget.max_trainable:,} by {-budget.margin:,}; "
-            "lower lora.r, adapt fewer modules (lora.target_modules, lora.layers_to_transform), use model.head=linear, or raise budget.max_trainable"
+            f"{_fewer(budget.method)}, use model.head=linear, or raise budget.max_trainable"
         )
+
+
+def _fewer(method: str) -> str:
+    """How to train fewer parameters with a method's own options."""
+    if method == "lora":
+        return "lower lora.r, adapt fewer modules (lora.target_modules, lora.layers_to_transform)"
+    size = {
+        "vera": "",
+        "fourierft": "lower fourierft.n_frequency, ",
+        "loha": "lower loha.r, ",
+        "lokr": "lower lokr.r, ",
+    }
+    size |= {"oft": "lower oft.block_size, ", "ia3": ""}
+    return f"{size.get(method, '')}adapt fewer modules ({method}.target_modules)"
 
 
 def count_trainable(model: nn.Module) -> int:

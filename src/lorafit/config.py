@@ -20,6 +20,7 @@ from .errors import LorafitError
 
 PREPROCESS_STEPS = ("lowercase", "strip_punctuation", "remove_stopwords", "stem", "lemmatize")
 INIT_CHOICES = "default | gaussian | pissa | pissa_niter_N | olora"
+TARGETS_HELP = "Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear."
 
 
 class Section(BaseModel):
@@ -33,6 +34,10 @@ def _check_regex(pattern: str) -> str:
     except re.error as e:
         raise ValueError(f"not a valid regular expression ({e})") from None
     return pattern
+
+
+def _check_targets(targets: list[str] | str) -> list[str] | str:
+    return _check_regex(targets) if isinstance(targets, str) and targets != "all-linear" else targets
 
 
 class ModelConfig(Section):
@@ -86,10 +91,7 @@ class LoraConfig(Section):
         16, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field(
-        "all-linear",
-        description="Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear.",
-    )
+    target_modules: list[str] | str = Field("all-linear", description=TARGETS_HELP)
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases train: none, all, or those of adapted layers."
     )
@@ -119,7 +121,7 @@ class LoraConfig(Section):
     @field_validator("target_modules")
     @classmethod
     def _check_target_regex(cls, v):
-        return _check_regex(v) if isinstance(v, str) and v != "all-linear" else v
+        return _check_targets(v)
 
     @field_validator("rank_pattern", "alpha_pattern")
     @classmethod
@@ -141,6 +143,91 @@ class LoraConfig(Section):
                 "layers_to_transform needs target_modules as a list of names (e.g. [query, value]), not a regex or all-linear"
             )
         return self
+
+
+class MethodSection(Section):
+    """What every method but LoRA shares: the modules it adapts (LoRA's own are in the `lora` section)."""
+
+    target_modules: list[str] | str = Field("all-linear", description=TARGETS_HELP)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_target_regex(cls, v):
+        return _check_targets(v)
+
+
+class IA3Config(MethodSection):
+    feedforward_modules: list[str] = Field(
+        [],
+        description="Of the adapted modules, those whose input is scaled instead of their output, as (IA)3 does for the feed-forward output layer (e.g. [output.dense] on BERT).",
+    )
+
+    @model_validator(mode="after")
+    def _check_feedforward(self) -> IA3Config:
+        if isinstance(self.target_modules, list) and (
+            extra := sorted(set(self.feedforward_modules) - set(self.target_modules))
+        ):
+            raise ValueError(
+                f"feedforward_modules {extra} are not among target_modules {self.target_modules}; add them there"
+            )
+        return self
+
+
+class VeraConfig(MethodSection):
+    r: int = Field(
+        256, gt=0, description="Rank of the random projections all adapted layers share; they are frozen and saved."
+    )
+    d_initial: float = Field(0.1, gt=0, description="Initial value of the trained scaling vector on the rank side.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the VeRA input.")
+    projection_seed: int = Field(0, description="Seed of the shared random projections.")
+
+
+class FourierFTConfig(MethodSection):
+    n_frequency: int = Field(
+        1000, gt=0, description="Spectral coefficients trained per adapted layer (at most in_features x out_features)."
+    )
+    scaling: float = Field(150.0, gt=0, description="Scale of the weight change rebuilt from the spectrum.")
+    frequency_seed: int = Field(777, description="Seed of the frequencies picked for each layer.")
+
+
+class LycorisSection(MethodSection):
+    r: int = Field(8, gt=0, description="Rank of each factor.")
+    alpha: float = Field(8, gt=0, description="The update is scaled by alpha/r.")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout over the rank dimension while training.")
+    module_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Probability of leaving an adapted layer's update out of a training step."
+    )
+
+
+class LoHaConfig(LycorisSection):
+    pass
+
+
+class LoKrConfig(LycorisSection):
+    decompose_both: bool = Field(
+        False, description="Also factor the smaller Kronecker factor into two rank-r matrices."
+    )
+    decompose_factor: int = Field(
+        -1, description="Size of the smaller Kronecker factor's dimensions; -1: as close to a square root as divides."
+    )
+
+
+class OFTConfig(MethodSection):
+    block_size: int = Field(
+        32,
+        gt=0,
+        description="Size of the orthogonal blocks; every adapted layer's in_features must be a multiple of it.",
+    )
+    module_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Probability of leaving an adapted layer's rotation out of a training step."
+    )
+    coft: bool = Field(False, description="Constrained OFT: keep each rotation within eps of the identity.")
+    eps: float = Field(6e-5, gt=0, description="The constraint's radius with coft.")
+    block_share: bool = Field(False, description="One rotation block shared by all blocks of a layer.")
+
+
+# The PEFT methods `method` selects, each with the config section of its own options (LoRA's is `lora`).
+METHODS = ("lora", "ia3", "vera", "fourierft", "loha", "lokr", "oft")
 
 
 class EarlyStoppingConfig(Section):
@@ -256,12 +343,30 @@ class BudgetConfig(Section):
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    method: Literal[METHODS] = Field(
+        "lora",
+        description="The PEFT method: lora (the `lora` section: LoRA, DoRA, rsLoRA), ia3, vera, fourierft, loha, lokr or oft, each with a section of its own options.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    ia3: IA3Config = Field(default_factory=IA3Config)
+    vera: VeraConfig = Field(default_factory=VeraConfig)
+    fourierft: FourierFTConfig = Field(default_factory=FourierFTConfig)
+    loha: LoHaConfig = Field(default_factory=LoHaConfig)
+    lokr: LoKrConfig = Field(default_factory=LoKrConfig)
+    oft: OFTConfig = Field(default_factory=OFTConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Config:
+        if self.method != "lora" and self.lora.loraplus_lr_ratio is not None:
+            raise ValueError(
+                f"lora.loraplus_lr_ratio is LoRA+, for method lora, and method is {self.method}; remove it or set method=lora"
+            )
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")

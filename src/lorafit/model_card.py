@@ -132,11 +132,16 @@ def _front_matter(cfg: Config) -> str:
     if all(is_ag_news(s) for _, s in _sources(cfg)):  # the only licence known: AG's corpus's terms bind the adapter
         meta["license"] = "other"
         meta["license_name"] = "ag-news-research-non-commercial"
-    meta["tags"] = ["lorafit", "lora"] + (["dora"] if cfg.lora.use_dora else [])
+    meta["tags"] = ["lorafit", cfg.method] + (["dora"] if cfg.method == "lora" and cfg.lora.use_dora else [])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+METHOD_NAMES = {"ia3": "(IA)3", "vera": "VeRA", "fourierft": "FourierFT", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
+
+
 def _method(cfg: Config) -> str:
+    if cfg.method != "lora":
+        return METHOD_NAMES[cfg.method]
     lora = cfg.lora
     if lora.use_dora and lora.use_rslora:
         return "DoRA with rsLoRA scaling"
@@ -172,30 +177,24 @@ def _base_section(cfg: Config) -> list[str]:
     return lines
 
 
-def _adapter_section(cfg: Config, budget: dict) -> list[str]:
-    lora = cfg.lora
-    scale = (
-        f"alpha/sqrt(r) = {lora.alpha / lora.r**0.5:.4g}" if lora.use_rslora else f"alpha/r = {lora.alpha / lora.r:.4g}"
-    )
-    targets = (
-        ", ".join(f"`{t}`" for t in lora.target_modules)
-        if isinstance(lora.target_modules, list)
-        else f"`{lora.target_modules}`"
-    )
-    lines = [
-        "## Adapter",
-        "",
+def _targets(targets: list[str] | str) -> str:
+    return ", ".join(f"`{t}`" for t in targets) if isinstance(targets, list) else f"`{targets}`"
+
+
+def _method_lines(cfg: Config) -> list[str]:
+    """A method other than LoRA: its options as the run's config sets them."""
+    options = getattr(cfg, cfg.method).model_dump()
+    targets = options.pop("target_modules")
+    settings = "; ".join(f"{k}: {_targets(v) if isinstance(v, list) else v}" for k, v in options.items())
+    return [
         f"- Method: {_method(cfg)} (peft)",
-        f"- Rank r: {lora.r}; alpha: {lora.alpha:g} (scale {scale}); dropout: {lora.dropout:g}",
-        f"- Target modules: {targets}",
+        *([f"- Options: {settings}"] if settings else []),
+        f"- Target modules: {_targets(targets)}",
     ]
-    if lora.layers_to_transform is not None:
-        lines.append(f"- Layers adapted: {', '.join(map(str, lora.layers_to_transform))}")
-    if lora.rank_pattern:
-        lines.append(f"- Rank overrides: {', '.join(f'`{k}`: {v}' for k, v in lora.rank_pattern.items())}")
-    if lora.alpha_pattern:
-        lines.append(f"- Alpha overrides: {', '.join(f'`{k}`: {v:g}' for k, v in lora.alpha_pattern.items())}")
-    lines += [f"- Initialisation: {lora.init}", f"- Biases trained: {lora.bias}"]
+
+
+def _adapter_section(cfg: Config, budget: dict) -> list[str]:
+    lines = ["## Adapter", ""] + (_lora_lines(cfg) if cfg.method == "lora" else _method_lines(cfg))
     if budget:
         lines += ["", "Trainable parameters by part:", "", "| part | parameters |", "|---|---:|"]
         lines += [f"| {part} | {n:,} |" for part, n in budget.get("parts", {}).items() if n]
@@ -211,6 +210,26 @@ def _adapter_section(cfg: Config, budget: dict) -> list[str]:
         if budget.get("head_modules"):
             lines.append(f"Head modules (train fully): {', '.join(f'`{m}`' for m in budget['head_modules'])}.")
     return lines
+
+
+def _lora_lines(cfg: Config) -> list[str]:
+    lora = cfg.lora
+    scale = (
+        f"alpha/sqrt(r) = {lora.alpha / lora.r**0.5:.4g}" if lora.use_rslora else f"alpha/r = {lora.alpha / lora.r:.4g}"
+    )
+    targets = _targets(lora.target_modules)
+    lines = [
+        f"- Method: {_method(cfg)} (peft)",
+        f"- Rank r: {lora.r}; alpha: {lora.alpha:g} (scale {scale}); dropout: {lora.dropout:g}",
+        f"- Target modules: {targets}",
+    ]
+    if lora.layers_to_transform is not None:
+        lines.append(f"- Layers adapted: {', '.join(map(str, lora.layers_to_transform))}")
+    if lora.rank_pattern:
+        lines.append(f"- Rank overrides: {', '.join(f'`{k}`: {v}' for k, v in lora.rank_pattern.items())}")
+    if lora.alpha_pattern:
+        lines.append(f"- Alpha overrides: {', '.join(f'`{k}`: {v:g}' for k, v in lora.alpha_pattern.items())}")
+    return lines + [f"- Initialisation: {lora.init}", f"- Biases trained: {lora.bias}"]
 
 
 def _labels_section(label_names: list[str]) -> list[str]:

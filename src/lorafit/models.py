@@ -351,39 +351,142 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def method_options(cfg: Config):
+    """The config section of cfg's method: `lora` for LoRA, `vera` for VeRA, and so on."""
+    return getattr(cfg, cfg.method)
+
+
+# peft's config class for each method but LoRA (which peft_config above builds)
+PEFT_CONFIG_CLASSES = {
+    "ia3": "IA3Config",
+    "vera": "VeraConfig",
+    "fourierft": "FourierFTConfig",
+    "loha": "LoHaConfig",
+    "lokr": "LoKrConfig",
+    "oft": "OFTConfig",
+}
+
+
+def _method_kwargs(cfg: Config) -> dict:
+    """The method's own options under peft's names."""
+    o = method_options(cfg)
+    if cfg.method == "ia3":
+        return dict(feedforward_modules=list(o.feedforward_modules))
+    if cfg.method == "vera":
+        return dict(
+            r=o.r,
+            d_initial=o.d_initial,
+            vera_dropout=o.dropout,
+            projection_prng_key=o.projection_seed,
+            save_projection=True,
+        )
+    if cfg.method == "fourierft":
+        return dict(n_frequency=o.n_frequency, scaling=o.scaling, random_loc_seed=o.frequency_seed)
+    if cfg.method in ("loha", "lokr"):
+        kwargs = dict(r=o.r, alpha=o.alpha, rank_dropout=o.rank_dropout, module_dropout=o.module_dropout)
+        if cfg.method == "lokr":
+            kwargs.update(decompose_both=o.decompose_both, decompose_factor=o.decompose_factor)
+        return kwargs
+    if cfg.method == "oft":
+        return dict(
+            r=0,
+            oft_block_size=o.block_size,
+            module_dropout=o.module_dropout,
+            coft=o.coft,
+            eps=o.eps,
+            block_share=o.block_share,
+        )
+    raise ValueError(f"no peft options for method {cfg.method!r}")
+
+
+def adapter_config(cfg: Config, model: nn.Module | None = None):
+    """peft's config for cfg's method, its targets and the SEQ_CLS task (the head trains fully)."""
+    if cfg.method == "lora":
+        return peft_config(cfg.lora, model)
+    import dataclasses
+
+    import peft
+    from peft import TaskType
+
+    cls = getattr(peft, PEFT_CONFIG_CLASSES[cfg.method])
+    targets = method_options(cfg).target_modules
+    kwargs = dict(task_type=TaskType.SEQ_CLS, target_modules=list(targets) if isinstance(targets, list) else targets)
+    if model is not None:
+        if "exclude_modules" in {f.name for f in dataclasses.fields(cls)}:
+            kwargs["exclude_modules"] = _head_pattern(model)
+        elif targets == "all-linear":  # no exclude_modules (VeRA): name the Linear layers outside the head instead
+            kwargs["target_modules"] = _outside_head_pattern(model)
+    try:
+        return cls(**kwargs, **_method_kwargs(cfg))
+    except ValueError as e:
+        raise LorafitError(
+            f"{cfg.method}: peft refuses these options ({_first_line(e)}); fix the `{cfg.method}` section"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _outside_head_pattern(model: nn.Module) -> str:
+    import re
+
+    heads = head_modules(model)
+    names = [n for n in _linear_modules(model) if not any(n == h or n.startswith(h + ".") for h in heads)]
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
     """The Linear modules the adapter will wrap, by peft's matching rules; a clear error for unknown targets."""
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
-    pcfg = peft_config(cfg.lora, model)
+    pcfg = adapter_config(cfg, model)
     pcfg.modules_to_save = list(HEAD_MODULE_NAMES)
     pcfg = _maybe_include_all_linear_layers(pcfg, model)
     linears = _linear_modules(model)
+    section = cfg.method
     matched = {}
     for name, module in model.named_modules():
         hit = check_target_module_exists(pcfg, name)
         if hit and type(hit).__name__ != "_ExcludedModule":
             if not isinstance(module, nn.Linear):
                 raise LorafitError(
-                    f"lora.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only"
+                    f"{section}.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only"
                 )
             matched[name] = module
     heads = head_modules(model)
     available = sorted(
         {n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)}
     )
-    targets = cfg.lora.target_modules
+    targets = method_options(cfg).target_modules
     if isinstance(targets, list):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
         if missing:
             raise LorafitError(
-                f"lora.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those"
+                f"{section}.target_modules: {missing} not found in {model.config.model_type}; its Linear modules are {available}; pick from those"
             )
     if not matched:
+        layers = f" (with layers_to_transform={cfg.lora.layers_to_transform})" if cfg.method == "lora" else ""
         raise LorafitError(
-            f"lora.target_modules={targets!r} matches no Linear module of {model.config.model_type} (with layers_to_transform={cfg.lora.layers_to_transform}); its Linear modules are {available}"
+            f"{section}.target_modules={targets!r} matches no Linear module of {model.config.model_type}{layers}; its Linear modules are {available}"
         )
+    if cfg.method == "oft":
+        _check_oft_blocks(matched, cfg.oft.block_size)
     return matched
+
+
+def _check_oft_blocks(matched: dict[str, nn.Linear], block: int) -> None:
+    """OFT rotates blocks of each layer's inputs; where the block size does not divide them peft quietly picks
+    another size, so the run would not be the one configured: refused here instead."""
+    import math
+
+    sizes = sorted({lin.in_features for lin in matched.values()})
+    if any(n % block for n in sizes):
+        common = math.gcd(*sizes)
+        fits = [d for d in range(2, common + 1) if common % d == 0]
+        raise LorafitError(
+            f"oft.block_size={block} does not divide the adapted layers' input sizes {sizes}; pick one that does ({', '.join(map(str, fits[-6:]))})"
+        )
 
 
 @contextlib.contextmanager
@@ -402,4 +505,11 @@ def wrap(model: nn.Module, cfg: Config):
     matched_modules(model, cfg)  # raises a clear error for targets the model does not have
     torch.manual_seed(cfg.train.seed)
     with quiet_peft_warnings():
-        return get_peft_model(model, peft_config(cfg.lora, model))
+        try:
+            return get_peft_model(model, adapter_config(cfg, model))
+        except ValueError as e:  # what peft checks only on the model itself (e.g. OFT's block size)
+            if cfg.method == "lora":
+                raise
+            raise LorafitError(
+                f"{cfg.method} cannot adapt {model.config.model_type} with these options ({_first_line(e)}); fix the `{cfg.method}` section"
+            ) from None

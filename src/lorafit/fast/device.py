@@ -79,7 +79,13 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-ADAPTER_KEYS = ("lora_", "modules_to_save")
+ADAPTER_NAME = "default"  # peft names every adapter parameter, and the trained copy of the head, after the adapter
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """An adapter's own parameter or the head's trained copy, whatever the method: 'lora_A.default.weight',
+    'ia3_l.default', 'classifier.modules_to_save.default.bias'; not a wrapped base layer's 'base_layer.weight'."""
+    return ADAPTER_NAME in name.split(".")
 
 
 def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
@@ -92,7 +98,7 @@ def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
         return
     for name, p in model.named_parameters():
         # adapter and head weights stay fp32 even when frozen (a reloaded run), so it computes like in training
-        if not p.requires_grad and p.is_floating_point() and not any(k in name for k in ADAPTER_KEYS):
+        if not p.requires_grad and p.is_floating_point() and not is_adapter_parameter(name):
             p.data = p.data.to(dtype)
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):

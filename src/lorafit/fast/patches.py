@@ -288,6 +288,17 @@ def _can_pack(module: nn.Module) -> bool:
     return type(module) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.bfloat16 and not w.requires_grad
 
 
+# peft methods whose layers call their base layer as it is, never reading its weight (which packing takes away);
+# the others (LoHa and LoKr shape their update by it, OFT rotates it) keep a plain base layer
+CALL_THE_BASE_LAYER = ("peft.tuners.lora.", "peft.tuners.ia3.", "peft.tuners.vera.", "peft.tuners.fourierft.")
+
+
+def _reads_base_weight(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer) and not type(module).__module__.startswith(CALL_THE_BASE_LAYER)
+
+
 def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Module] | None = None) -> int:
     """Swap every frozen bf16 nn.Linear of a CPU model for a PackedLinear, fusing exact GELU into BERT/RoBERTa's
     feed-forward layers; returns how many were swapped (0 where oneDNN or its bf16 ops are missing).
@@ -309,7 +320,7 @@ def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Modul
         act = getattr(m, "intermediate_act_fn", None)
         # BERT/RoBERTa's intermediate: dense, then GELU
         fusable = type(act) is GELUActivation and act.act is torch.nn.functional.gelu
-        if any(getattr(m, "use_dora", {}).values()):
+        if any(getattr(m, "use_dora", {}).values()) or _reads_base_weight(m):
             continue
         for name, child in list(m.named_children()):
             if _can_pack(child):

@@ -210,7 +210,8 @@ class Loop:
         self.total = t.max_steps or max(1, math.ceil(self.steps_per_epoch * t.epochs))
         every = s.cfg.eval.every
         self.eval_every = self.steps_per_epoch if every == "epoch" else every
-        optimizer = make_optimizer(s.model, t.lr, t.weight_decay, s.cfg.lora.loraplus_lr_ratio)
+        ratio = s.cfg.lora.loraplus_lr_ratio if s.cfg.method == "lora" else None  # LoRA+ is LoRA's
+        optimizer = make_optimizer(s.model, t.lr, t.weight_decay, ratio)
         schedule = Schedule(optimizer, t.scheduler, self.total, math.ceil(t.warmup_ratio * self.total), t.max_seconds)
         trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
         self.state = TrainingState(optimizer, schedule, trainable)
