@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -201,3 +202,40 @@ def test_a_skeleton_given_to_the_budget_is_left_unwrapped():
     before = copy.deepcopy([n for n, _ in model.named_modules()])
     budget.compute(method_config("ia3", "bert", "default", OPTIONS["ia3"]), 3, model=model)
     assert [n for n, _ in model.named_modules()] == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The planner crosses methods
+
+
+def test_plan_crosses_every_method_and_lists_only_what_fits(tiny_bert, tmp_path, capsys):
+    from lorafit import cli
+    from lorafit.experiments.points import apply_point, read_points_file
+
+    out = tmp_path / "plan.yaml"
+    limit = 6_000
+    args = ["plan", "--set", f"model.name={tiny_bert}", "--methods", "all", "--budget", str(limit), "-o", str(out)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    for method in METHODS:
+        assert re.search(rf"^  {method}: [1-9]\d* of \d+ layouts fit$", printed, re.M), method
+
+    _, points = read_points_file(out)
+    listed = [int(m.group(1).replace(",", "")) for m in re.finditer(r"# \d+: ([\d,]+) trainable", out.read_text())]
+    assert len(points) == len(listed)
+    base = load_config(None, [f"model.name={tiny_bert}"])
+    seen = set()
+    for point, count in zip(points, listed, strict=True):
+        cfg = apply_point(base, point, "plan point")
+        seen.add(cfg.method)
+        real = models.wrap(models.build_model(cfg, 4), cfg)  # real weights: peft decides what trains
+        assert budget.count_trainable(real) == count <= limit, point
+    assert seen == set(METHODS)
+
+
+def test_plan_refuses_an_unknown_method_in_one_line(capsys):
+    from lorafit import cli
+
+    assert cli.main(["plan", "--methods", "lora,dora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--methods 'lora,dora': unknown method(s) ['dora']; expected" in err[0]

@@ -280,6 +280,12 @@ def add_plan(sub) -> None:
     )
     p.add_argument("--ranks", default="2,4,8,16", metavar="R,R,...", help="ranks to try (default: 2,4,8,16)")
     p.add_argument(
+        "--methods",
+        default="lora",
+        metavar="M,M,...",
+        help="PEFT methods to cross, each with its own size setting (default: lora; all: every method)",
+    )
+    p.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -289,12 +295,24 @@ def add_plan(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    from .config import METHODS
+
+    names = METHODS if text.strip() == "all" else tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise LorafitError(
+            f"--methods {text!r}: unknown method(s) {unknown}; expected a comma-separated list of {', '.join(METHODS)}, or all"
+        )
+    return names
+
+
 def cmd_plan(a) -> int:
     from .config import load_config
     from .experiments.plan import make_plan, table, write
 
     cfg = load_config(a.config, a.overrides)
-    plan = make_plan(cfg, a.budget, parse_ints(a.ranks, "--ranks"))
+    plan = make_plan(cfg, a.budget, parse_ints(a.ranks, "--ranks"), methods=parse_methods(a.methods))
     print(table(plan))
     if not plan.fits:
         raise LorafitError(

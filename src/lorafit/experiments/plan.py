@@ -48,6 +48,8 @@ class Candidate:
     layers: str  # label of the layer pattern
     overrides: dict  # dotted key -> value, only the keys that differ from the base config
     budget: budget_mod.Budget
+    method: str = "lora"
+    size: str = ""  # a method's own size setting, as the table shows it ("r 8", "n_frequency 1000", ...)
 
     @property
     def total(self) -> int:
@@ -62,6 +64,8 @@ class Plan:
     fits: list[Candidate]
     counted: int  # configurations counted (after removing duplicates)
     roles: dict[str, list[str]]
+    methods: tuple[str, ...] = ("lora",)
+    counted_by_method: dict[str, int] | None = None
 
 
 def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
@@ -165,8 +169,25 @@ def _heads(base: Config, skeletons: Skeletons, qv_targets) -> list[str]:
     return ["default"] + (["linear"] if head_params["linear"] != head_params["default"] else [])
 
 
+# What the planner tries of each method besides LoRA: its size setting (key, values, as the table names it); IA3 has
+# none (one scale per adapted feature). Values that do not fit a model are skipped (OFT's block sizes that do not
+# divide the layers' inputs).
+METHOD_SIZES = {
+    "ia3": None,
+    "vera": ("vera.r", (64, 256, 1024), "r"),
+    "fourierft": ("fourierft.n_frequency", (250, 1000, 4000, 16000), "n_frequency"),
+    "loha": ("loha.r", DEFAULT_RANKS, "r"),
+    "lokr": ("lokr.r", DEFAULT_RANKS, "r"),
+    "oft": ("oft.block_size", (4, 8, 16, 32, 64), "block"),
+}
+
+
 def make_plan(
-    base: Config, max_trainable: int | None = None, ranks=DEFAULT_RANKS, skeletons: Skeletons | None = None
+    base: Config,
+    max_trainable: int | None = None,
+    ranks=DEFAULT_RANKS,
+    skeletons: Skeletons | None = None,
+    methods: tuple[str, ...] = ("lora",),
 ) -> Plan:
     """Count every combination on one weightless skeleton and keep those within the budget, largest first."""
     skeletons = skeletons or Skeletons()
@@ -183,7 +204,15 @@ def make_plan(
     heads = _heads(base, skeletons, targets["q,v"])
     base_dict = base.to_dict()
     fits, counted = [], 0
-    for label, value in targets.items():
+    counted_by_method: dict[str, int] = {}
+    for method in methods:
+        if method == "lora":
+            continue
+        found, n_counted = _method_candidates(base, method, targets, heads, skeletons, limit, max_trainable)
+        fits += found
+        counted += n_counted
+        counted_by_method[method] = n_counted
+    for label, value in targets.items() if "lora" in methods else ():
         for r in ranks:
             alpha = _number(ratio * r)
             for dora in (False, True):
@@ -214,9 +243,42 @@ def make_plan(
                             if pattern == "all"
                             else f"{pattern.replace('upper', f'upper {upper[0]}-{upper[-1]}')}"
                         )
-                        fits.append(Candidate(label, r, dora, head, layers_label, changed, b))
-    fits.sort(key=lambda c: (-c.total, c.targets, c.r))
-    return Plan(base.model.name, n, limit, fits, counted, {k: v for k, v in roles.items() if v})
+                        fits.append(Candidate(label, r, dora, head, layers_label, changed, b, size=f"r {r}"))
+                        counted_by_method["lora"] = counted_by_method.get("lora", 0) + 1
+    fits.sort(key=lambda c: (methods.index(c.method), -c.total, c.targets, c.r))
+    roles = {k: v for k, v in roles.items() if v}
+    return Plan(base.model.name, n, limit, fits, counted, roles, tuple(methods), counted_by_method)
+
+
+def _method_candidates(
+    base: Config, method: str, targets: dict, heads: list[str], skeletons: Skeletons, limit: int, max_trainable
+) -> tuple[list[Candidate], int]:
+    """The layouts of a method other than LoRA: its target sets x its size setting x the heads."""
+    key, values, shown = METHOD_SIZES[method] or (None, (None,), "")
+    base_dict = base.to_dict()
+    fits, counted = [], 0
+    for label, value in targets.items():
+        for size in values:
+            for head in heads:
+                point = {"method": method, "model.head": head, f"{method}.target_modules": value}
+                if method == "ia3":
+                    point["ia3.feedforward_modules"] = []
+                if key:
+                    point[key] = size
+                if max_trainable and max_trainable != base.budget.max_trainable:
+                    point["budget.max_trainable"] = max_trainable
+                cfg = apply_point(base, point, f"plan point {flow(point)}")
+                try:
+                    b = skeletons.budget(cfg)
+                except LorafitError:
+                    continue  # a size this model cannot take (an OFT block size that divides no input size)
+                counted += 1
+                if b.total > limit:
+                    continue
+                changed = {k: v for k, v in point.items() if _get(base_dict, k) != v}
+                size_label = f"{shown} {size}" if key else "-"
+                fits.append(Candidate(label, 0, False, head, "all", changed, b, method=method, size=size_label))
+    return fits, counted
 
 
 def _get(data: dict, key: str):
@@ -226,6 +288,8 @@ def _get(data: dict, key: str):
 
 
 def table(plan: Plan) -> str:
+    if plan.methods != ("lora",):
+        return _methods_table(plan)
     lines = [
         f"plan for {plan.model} ({plan.num_labels} classes), budget {plan.max_trainable:,}: "
         f"{len(plan.fits)} of {plan.counted} configurations fit, largest first",
@@ -236,6 +300,32 @@ def table(plan: Plan) -> str:
             f"  {i:>4}  {c.total:>10,}  {c.budget.margin:>10,}  {c.targets:<12} {c.r:>3}  {'yes' if c.dora else 'no':<5} {c.head:<8} {c.layers}"
         )
     return "\n".join(lines)
+
+
+def _methods_table(plan: Plan) -> str:
+    """One block per method, its layouts largest first: what the budget buys in each."""
+    lines = [f"plan for {plan.model} ({plan.num_labels} classes), budget {plan.max_trainable:,}, by method:"]
+    for method in plan.methods:
+        fits = [c for c in plan.fits if c.method == method]
+        counted = (plan.counted_by_method or {}).get(method, 0)
+        lines.append(f"  {method}: {len(fits)} of {counted} layouts fit")
+        if fits:
+            lines.append(
+                f"    {'#':>4}  {'trainable':>10}  {'margin':>10}  {'targets':<12} {'size':<18} {'dora':<5} {'head':<8} layers"
+            )
+        for c in fits:
+            i = plan.fits.index(c) + 1
+            dora = ("yes" if c.dora else "no") if method == "lora" else "-"
+            lines.append(
+                f"    {i:>4}  {c.total:>10,}  {c.budget.margin:>10,}  {c.targets:<12} {c.size:<18} {dora:<5} {c.head:<8} {c.layers}"
+            )
+    return "\n".join(lines)
+
+
+def _describe(c: Candidate) -> str:
+    if c.method == "lora":
+        return f"{c.targets}, r {c.r}, dora {'on' if c.dora else 'off'}, head {c.head}, layers {c.layers}"
+    return f"{c.method}, {c.targets}, {c.size}, head {c.head}"
 
 
 def write(plan: Plan, path: Path, config_path: Path | None) -> None:
@@ -249,7 +339,7 @@ def write(plan: Plan, path: Path, config_path: Path | None) -> None:
     ]
     for i, c in enumerate(plan.fits, 1):
         lines.append(
-            f"- {flow(c.overrides)}  # {i}: {c.total:,} trainable, margin {c.budget.margin:,} ({c.targets}, r {c.r}, dora {'on' if c.dora else 'off'}, head {c.head}, layers {c.layers})"
+            f"- {flow(c.overrides)}  # {i}: {c.total:,} trainable, margin {c.budget.margin:,} ({_describe(c)})"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "\n".join(lines) + "\n")
