@@ -184,7 +184,7 @@ def test_unknown_key_without_a_near_match_lists_the_section_keys():
     assert "unknown key 'lora.zzzzzz'" in msg and "valid keys here: r, alpha, dropout" in msg
     msg = error_of(["zzzzzz=1"])
     assert (
-        "valid keys here: model, data, method, lora, ia3, vera, fourierft, loha, lokr, oft, train, eval, checkpoint, speed, budget"
+        "valid keys here: model, data, method, lora, adalora, ia3, vera, fourierft, loha, lokr, oft, train, eval, checkpoint, speed, budget"
         in msg
     )
 
@@ -313,6 +313,14 @@ def shipped_configs() -> list:
 
 @pytest.mark.parametrize("path", shipped_configs())
 def test_shipped_config_validates(path):
+    data = read_yaml(path)
+    if isinstance(data, dict) and data and set(data) <= {"grid", "points"}:  # a sweep file (`--grid-file`)
+        from lorafit.experiments.points import apply_point, expand, read_points_file
+
+        grid, points = read_points_file(path)
+        for point in expand(points, grid):
+            apply_point(Config(), point, f"{path} point {point}")
+        return
     load_config(path)  # raises LorafitError with every problem
 
 

@@ -116,19 +116,21 @@ def counted(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
     heads = head_modules(model)
     base_total = sum(p.numel() for p in model.parameters())
     wrapped = wrap(model, cfg)
-    adapter_names = set()
+    adapter_names, fixed = set(), set()
     for m in wrapped.modules():
         if isinstance(m, BaseTunerLayer):
             adapter_names.update(m.adapter_layer_names)
+            fixed.update(m.other_param_names)
     prefix = "base_model.model."
     parts: dict[str, int] = {}
     per_module: dict[str, dict[str, int]] = {}
     modules_seen: dict[str, set[str]] = {}
     for name, p in wrapped.named_parameters():
-        if not p.requires_grad:
-            continue
         inner = name.removeprefix(prefix)
         segments = inner.split(".")
+        # AdaLoRA's ranknum is a parameter peft never trains, but on the meta device it comes out requiring grad
+        if not p.requires_grad or fixed.intersection(segments):
+            continue
         at = next((i for i, seg in enumerate(segments) if seg in adapter_names), None)
         if any(inner == h or inner.startswith(h + ".") for h in heads):
             part = "head"
@@ -174,7 +176,7 @@ def _fewer(method: str) -> str:
         "loha": "lower loha.r, ",
         "lokr": "lower lokr.r, ",
     }
-    size |= {"oft": "lower oft.block_size, ", "ia3": ""}
+    size |= {"oft": "lower oft.block_size, ", "ia3": "", "adalora": "lower adalora.init_r, "}
     return f"{size.get(method, '')}adapt fewer modules ({method}.target_modules)"
 
 

@@ -226,8 +226,43 @@ class OFTConfig(MethodSection):
     block_share: bool = Field(False, description="One rotation block shared by all blocks of a layer.")
 
 
+class AdaLoraConfig(MethodSection):
+    init_r: int = Field(
+        12, gt=0, description="Rank every adapted layer starts with (what the budget counts: it all trains)."
+    )
+    target_r: int = Field(
+        8,
+        gt=0,
+        description="Average rank left per adapted layer once allocation ends; the ranks go where they matter most.",
+    )
+    alpha: float = Field(8, gt=0, description="The update is scaled by alpha over the layer's current rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    warmup_share: float = Field(
+        0.1, ge=0, lt=1, description="Share of the training steps before ranks start to be cut (peft's tinit)."
+    )
+    final_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of the training steps at the end with the ranks fixed (peft's tfinal)."
+    )
+    every: int = Field(10, gt=0, description="Steps between two rank reallocations (peft's deltaT).")
+    beta1: float = Field(0.85, gt=0, lt=1, description="Smoothing of the importance scores.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="Smoothing of their uncertainty.")
+    orth_reg_weight: float = Field(
+        0.5, ge=0, description="Weight of the loss term that keeps each layer's singular vectors orthogonal."
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> AdaLoraConfig:
+        if self.warmup_share + self.final_share >= 1:
+            raise ValueError(
+                f"warmup_share + final_share is {self.warmup_share + self.final_share:g}; they must leave steps to allocate ranks in (sum below 1)"
+            )
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r {self.target_r} exceeds init_r {self.init_r}; ranks can only be cut")
+        return self
+
+
 # The PEFT methods `method` selects, each with the config section of its own options (LoRA's is `lora`).
-METHODS = ("lora", "ia3", "vera", "fourierft", "loha", "lokr", "oft")
+METHODS = ("lora", "adalora", "ia3", "vera", "fourierft", "loha", "lokr", "oft")
 
 
 class EarlyStoppingConfig(Section):
@@ -345,9 +380,10 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal[METHODS] = Field(
         "lora",
-        description="The PEFT method: lora (the `lora` section: LoRA, DoRA, rsLoRA), ia3, vera, fourierft, loha, lokr or oft, each with a section of its own options.",
+        description="The PEFT method: lora (the `lora` section: LoRA, DoRA, rsLoRA), adalora, ia3, vera, fourierft, loha, lokr or oft, each with a section of its own options.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
     ia3: IA3Config = Field(default_factory=IA3Config)
     vera: VeraConfig = Field(default_factory=VeraConfig)
     fourierft: FourierFTConfig = Field(default_factory=FourierFTConfig)

@@ -136,7 +136,15 @@ def _front_matter(cfg: Config) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-METHOD_NAMES = {"ia3": "(IA)3", "vera": "VeRA", "fourierft": "FourierFT", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}
+METHOD_NAMES = {
+    "adalora": "AdaLoRA",
+    "ia3": "(IA)3",
+    "vera": "VeRA",
+    "fourierft": "FourierFT",
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "oft": "OFT",
+}
 
 
 def _method(cfg: Config) -> str:

@@ -51,6 +51,7 @@ class Result:
     stopped_early: bool = False
     train_seconds: float = 0.0
     metrics: dict = field(default_factory=dict)
+    adapter_ranks: dict[str, int] | None = None  # AdaLoRA: each adapted module's allocated rank
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainingState:
     progress: Progress = field(default_factory=Progress)
     result: Result = field(default_factory=Result)
     best: dict[str, torch.Tensor] | None = None  # the trainable weights of the best evaluation so far
+    method: object = None  # lorafit.training.methods.MethodSteps: a method's own state (AdaLoRA's scores)
 
 
 def pack(state: TrainingState, config: dict, processes: int = 1, rngs: list | None = None) -> dict:
@@ -77,6 +79,7 @@ def pack(state: TrainingState, config: dict, processes: int = 1, rngs: list | No
         "optimizer": state.optimizer.state_dict(),
         "schedule": state.schedule.state_dict(),
         "rng": rng_state(),
+        "method": state.method.state_dict() if state.method is not None else {},
     }
 
 
@@ -99,6 +102,8 @@ def restore(state: TrainingState, saved: dict, config: dict, device) -> float | 
     state.optimizer.load_state_dict(saved["optimizer"])
     state.schedule.load_state_dict(saved["schedule"])
     state.progress, state.result = Progress(**saved["progress"]), Result(**saved["result"])
+    if state.method is not None:
+        state.method.load_state_dict(saved.get("method") or {})
     state.best = {k: v.to(device) for k, v in saved["best"].items()} if saved["best"] is not None else None
     old_lr = saved_config["train"]["lr"]
     return old_lr if config["train"]["lr"] != old_lr else None

@@ -32,6 +32,7 @@ from ..report.run_report import write_run_report
 from ..schedule import Schedule, make_optimizer
 from . import distributed
 from .checkpoint import Checkpoints, Result, TrainingState, pack, restore, rng_state, set_rng_state
+from .methods import method_steps
 
 TRIM_EVERY = 16  # optimizer steps between returns of freed heap memory to the OS (CPU)
 
@@ -214,7 +215,8 @@ class Loop:
         optimizer = make_optimizer(s.model, t.lr, t.weight_decay, ratio)
         schedule = Schedule(optimizer, t.scheduler, self.total, math.ceil(t.warmup_ratio * self.total), t.max_seconds)
         trainable = {name: p for name, p in s.model.named_parameters() if p.requires_grad}
-        self.state = TrainingState(optimizer, schedule, trainable)
+        self.method = method_steps(s.model, s.cfg, self.total)  # AdaLoRA's rank allocation
+        self.state = TrainingState(optimizer, schedule, trainable, method=self.method)
         self.start = time.perf_counter()
         self.say = log
 
@@ -288,6 +290,8 @@ class Loop:
         for index in group:
             local = d.shard(index)  # one process: the whole batch
             loss = _batch_loss(s, local) if len(local) else None
+            if loss is not None and (term := self.method.loss_term()) is not None:
+                loss = loss + term
             value = d.global_mean(loss.item() if loss is not None else 0.0, len(local), len(index))
             if not math.isfinite(value):  # stop before the optimizer spreads it into the weights
                 raise _numerical_fault(s, "training loss", value, p.step + 1, epoch, self.checkpoints)
@@ -301,6 +305,7 @@ class Loop:
             if not torch.isfinite(norm):
                 raise _numerical_fault(s, "gradient norm", norm.item(), p.step + 1, epoch, self.checkpoints)
         st.optimizer.step()
+        self.method.after_step(p.step)  # reads the gradients
         st.optimizer.zero_grad(set_to_none=True)
         if s.device.type == "cpu" and (p.step + 1) % TRIM_EVERY == 0:
             release_free_memory()
@@ -359,9 +364,7 @@ class Loop:
         # every process takes part; only rank 0 holds `checkpoints`
         rngs = d.all_gather_object(rng_state()) if d.active else None
         if self.checkpoints is not None:
-            now = TrainingState(
-                st.optimizer, st.schedule, st.trainable, replace(p, elapsed=self.elapsed), st.result, st.best
-            )
+            now = replace(st, progress=replace(p, elapsed=self.elapsed))
             self.checkpoints.save(pack(now, s.cfg.to_dict(), d.world, rngs), p.step, st.result.best_step)
 
     def run(self) -> Result:
@@ -401,6 +404,8 @@ class Loop:
         st.result.steps = p.step
         st.result.train_seconds = self.elapsed
         self.restore_best()
+        self.method.finish()
+        st.result.adapter_ranks = self.method.ranks()
         return st.result
 
     def restore_best(self) -> None:
@@ -454,6 +459,7 @@ def final_metrics(s: Setup, res: Result) -> dict:
         ),
         "val_eval_seconds": round(val_seconds, 2),
         "trainable_parameters": s.budget.total,
+        **({"adapter_ranks": res.adapter_ranks} if res.adapter_ranks else {}),
         "precision": str(s.dtype).replace("torch.", ""),
         "device": s.device.type,
     }
