@@ -184,7 +184,7 @@ def test_unknown_key_without_a_near_match_lists_the_section_keys():
     assert "unknown key 'lora.zzzzzz'" in msg and "valid keys here: r, alpha, dropout" in msg
     msg = error_of(["zzzzzz=1"])
     assert (
-        "valid keys here: model, data, method, lora, adalora, ia3, vera, fourierft, loha, lokr, oft, train, eval, checkpoint, speed, budget"
+        "valid keys here: model, data, method, lora, adalora, ia3, vera, fourierft, loha, lokr, oft, bitfit, train, eval, checkpoint, speed, budget"
         in msg
     )
 

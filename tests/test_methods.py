@@ -1,4 +1,4 @@
-"""The PEFT methods besides LoRA (`method: adalora | ia3 | vera | fourierft | loha | lokr | oft`): an exact budget for each,
+"""The PEFT methods besides LoRA (`method: adalora | ia3 | vera | fourierft | loha | lokr | oft | bitfit`): an exact budget for each,
 counted on the weightless skeleton, and the whole life of a run (train, reload, resume, export) for each."""
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ OPTIONS = {
     "loha": dict(target_modules=["Q", "V"], r=2),
     "lokr": dict(target_modules=["Q", "V", "D"], r=2, decompose_both=True),
     "oft": dict(target_modules=["Q", "V"], block_size=8),
+    "bitfit": dict(target_modules=["Q", "K", "V", "D", "F2"]),
 }
 ALL_LINEAR = {"fourierft": dict(n_frequency=64), "oft": dict(block_size=8)}
 FF_NAME = {"bert": "output.dense", "roberta": "output.dense", "distilbert": "lin2"}
@@ -89,6 +90,7 @@ def test_the_count_follows_each_method_own_arithmetic():
         ("fourierft", (("n_frequency", 64),)): layers * 2 * 64,
         ("loha", (("r", 2),)): layers * 2 * 2 * 2 * (d + d),  # two Hadamard factors, each an r x in and out x r pair
         ("oft", (("block_size", 8),)): layers * 2 * (d // 8) * (8 * 7 // 2),  # skew-symmetric blocks
+        ("bitfit", ()): layers * 2 * d,  # one bias per output feature
     }
     for (method, extra), adapter in cases.items():
         cfg = method_config(method, "bert", "default", {"target_modules": qv, **dict(extra)})
@@ -111,7 +113,7 @@ def test_bad_method_options_are_one_line():
         load_config(None, ["method=vera", "vera.rank=4"])
     with pytest.raises(LorafitError, match=r"oft.block_size: got 'big': Input should be a valid integer"):
         load_config(None, ["method=oft", "oft.block_size=big"])
-    with pytest.raises(LorafitError, match=r"method: got 'dora': Input should be 'lora', 'ia3'"):
+    with pytest.raises(LorafitError, match=r"method: got 'dora': Input should be 'lora', 'adalora', 'ia3'"):
         load_config(None, ["method=dora"])
     with pytest.raises(LorafitError, match=r"feedforward_modules \['lin2'\] are not among target_modules"):
         load_config(None, ["method=ia3", "ia3.target_modules=[q_lin]", "ia3.feedforward_modules=[lin2]"])
@@ -139,6 +141,7 @@ RUN_SETTINGS = {
     "loha": ["loha.target_modules=[query,value]", "loha.r=2", "loha.rank_dropout=0.3"],
     "lokr": ["lokr.target_modules=[query,value]", "lokr.r=2", "lokr.rank_dropout=0.3"],
     "oft": ["oft.target_modules=[query,value]", "oft.block_size=8", "oft.module_dropout=0.3"],
+    "bitfit": ["bitfit.target_modules=[query,value,dense]"],
 }
 
 

@@ -176,7 +176,7 @@ def _fewer(method: str) -> str:
         "loha": "lower loha.r, ",
         "lokr": "lower lokr.r, ",
     }
-    size |= {"oft": "lower oft.block_size, ", "ia3": "", "adalora": "lower adalora.init_r, "}
+    size |= {"oft": "lower oft.block_size, ", "ia3": "", "bitfit": "", "adalora": "lower adalora.init_r, "}
     return f"{size.get(method, '')}adapt fewer modules ({method}.target_modules)"
 
 

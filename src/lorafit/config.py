@@ -261,8 +261,12 @@ class AdaLoraConfig(MethodSection):
         return self
 
 
+class BitFitConfig(MethodSection):
+    """Bias-only tuning: every adapted Linear layer learns a bias of its own, added to its frozen one (peft's BEFT)."""
+
+
 # The PEFT methods `method` selects, each with the config section of its own options (LoRA's is `lora`).
-METHODS = ("lora", "adalora", "ia3", "vera", "fourierft", "loha", "lokr", "oft")
+METHODS = ("lora", "adalora", "ia3", "vera", "fourierft", "loha", "lokr", "oft", "bitfit")
 
 
 class EarlyStoppingConfig(Section):
@@ -380,7 +384,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal[METHODS] = Field(
         "lora",
-        description="The PEFT method: lora (the `lora` section: LoRA, DoRA, rsLoRA), adalora, ia3, vera, fourierft, loha, lokr or oft, each with a section of its own options.",
+        description="The PEFT method: lora (the `lora` section: LoRA, DoRA, rsLoRA), adalora, ia3, vera, fourierft, loha, lokr, oft or bitfit (bias-only), each with a section of its own options.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
@@ -390,6 +394,7 @@ class Config(Section):
     loha: LoHaConfig = Field(default_factory=LoHaConfig)
     lokr: LoKrConfig = Field(default_factory=LoKrConfig)
     oft: OFTConfig = Field(default_factory=OFTConfig)
+    bitfit: BitFitConfig = Field(default_factory=BitFitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

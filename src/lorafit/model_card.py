@@ -144,6 +144,7 @@ METHOD_NAMES = {
     "loha": "LoHa",
     "lokr": "LoKr",
     "oft": "OFT",
+    "bitfit": "BitFit",
 }
 
 

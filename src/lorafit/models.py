@@ -365,6 +365,7 @@ PEFT_CONFIG_CLASSES = {
     "loha": "LoHaConfig",
     "lokr": "LoKrConfig",
     "oft": "OFTConfig",
+    "bitfit": "BeftConfig",  # peft's bias-efficient fine-tuning: BitFit on the adapted Linear layers
 }
 
 
@@ -411,6 +412,8 @@ def _method_kwargs(cfg: Config) -> dict:
             eps=o.eps,
             block_share=o.block_share,
         )
+    if cfg.method == "bitfit":
+        return {}
     raise ValueError(f"no peft options for method {cfg.method!r}")
 
 

@@ -170,7 +170,7 @@ def _heads(base: Config, skeletons: Skeletons, qv_targets) -> list[str]:
 
 
 # What the planner tries of each method besides LoRA: its size setting (key, values, as the table names it); IA3 has
-# none (one scale per adapted feature). Values that do not fit a model are skipped (OFT's block sizes that do not
+# none (one scale per adapted feature), nor has BitFit (one bias). Values that do not fit a model are skipped (OFT's block sizes that do not
 # divide the layers' inputs).
 METHOD_SIZES = {
     "ia3": None,
@@ -179,6 +179,7 @@ METHOD_SIZES = {
     "loha": ("loha.r", DEFAULT_RANKS, "r"),
     "lokr": ("lokr.r", DEFAULT_RANKS, "r"),
     "oft": ("oft.block_size", (4, 8, 16, 32, 64), "block"),
+    "bitfit": None,
 }
 
 
