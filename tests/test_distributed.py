@@ -302,3 +302,29 @@ def test_accelerate_cpu_flag_starts_one_process_and_says_so(tmp_path, children):
     )
     assert "`accelerate launch --cpu` started one process" in p.stdout and "--multi_gpu --num_processes N" in p.stdout
     assert len(error_lines(p.stderr)) == 1
+
+
+def test_two_processes_allocate_adalora_ranks_as_one(minilm_without_dropout, tmp_path, children, monkeypatch):
+    """AdaLoRA's allocation reads the gradients: with the gradients averaged over both processes before the optimizer
+    step, two processes cut the same ranks as one process with the same effective batch."""
+    adalora = ["method=adalora", "adalora.target_modules=[query,value]", "adalora.init_r=4", "adalora.target_r=2"]
+    adalora += ["adalora.every=1", "train.lr=2e-2"]
+    common = [f"model.name={minilm_without_dropout}", *SETTINGS, *adalora]
+    p = children.run(
+        [*TORCHRUN, "-m", "lorafit", "train", *sets(*common, "train.batch_size=8"), "-o", str(tmp_path / "two")],
+        "the 2-process AdaLoRA run",
+        600,
+        env=ENV,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    from lorafit.config import load_config
+    from lorafit.training.recipe import run
+
+    monkeypatch.setattr("lorafit.training.recipe.write_run_report", lambda folder: None)
+    run(load_config(None, [*common, "train.batch_size=16"]), tmp_path / "one")
+    one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    ranks = one["training"]["adapter_ranks"]
+    assert ranks and set(ranks.values()) != {2}  # allocated, unevenly
+    assert two["training"]["adapter_ranks"] == ranks
+    assert two["val"]["loss"] == pytest.approx(one["val"]["loss"], abs=1e-4)

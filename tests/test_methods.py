@@ -282,3 +282,35 @@ def test_adalora_moves_its_ranks_resumes_them_and_reloads_with_them(tiny_bert, s
         if ".lora_E." in n
     }
     assert loaded == ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EVA initialisation (LoRA)
+
+
+def test_eva_initialisation_is_data_driven_logged_reloads_and_resumes(tiny_bert, small_csv, tmp_path, capsys):
+    eva = ["lora.init=eva", "lora.eva_batches=3", *RESUMABLE]
+    cfg = tiny_cfg(tiny_bert, small_csv, *eva)
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run(cfg, ref)
+    assert re.search(r"EVA initialisation: 3 training batches in \d+\.\ds", capsys.readouterr().out)
+    metrics = json.loads((ref / "metrics.json").read_text())
+    again = evaluate_run(load_run(ref, "fp32"), str(small_csv))
+    assert again["loss"] == pytest.approx(metrics["test"]["loss"], abs=1e-5)
+
+    # the start differs from LoRA's default (random A) and from another data set's EVA start: it comes from the data
+    def start_a(config) -> torch.Tensor:
+        from lorafit.training.recipe import setup
+
+        model = setup(config).model
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_A" in n])
+
+    eva_start = start_a(cfg)
+    assert not torch.allclose(eva_start, start_a(tiny_cfg(tiny_bert, small_csv, *RESUMABLE)))
+    assert not torch.allclose(eva_start, start_a(tiny_cfg(tiny_bert, small_csv, *eva, "data.max_train_samples=40")))
+
+    with pytest.raises(Crash):
+        run(cfg, out, on_eval=crash_at(9))
+    run(cfg, out, resume=True)
+    resumed, trained = adapter_weights(out), adapter_weights(ref)
+    assert all(torch.equal(resumed[k], trained[k]) for k in trained)

@@ -19,7 +19,7 @@ from .atomic import atomic_write_text
 from .errors import LorafitError
 
 PREPROCESS_STEPS = ("lowercase", "strip_punctuation", "remove_stopwords", "stem", "lemmatize")
-INIT_CHOICES = "default | gaussian | pissa | pissa_niter_N | olora"
+INIT_CHOICES = "default | gaussian | pissa | pissa_niter_N | olora | eva"
 TARGETS_HELP = "Module names to adapt (e.g. [query, value]), a regex matched against full module names, or all-linear."
 
 
@@ -97,7 +97,13 @@ class LoraConfig(Section):
     )
     use_dora: bool = Field(False, description="DoRA: adds a trainable magnitude vector per adapted layer.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r.")
-    init: str = Field("default", description=f"Adapter initialisation: {INIT_CHOICES}.")
+    init: str = Field(
+        "default",
+        description=f"Adapter initialisation: {INIT_CHOICES} (eva: A from the SVD of each layer's inputs over lora.eva_batches training batches, before training).",
+    )
+    eva_batches: int = Field(
+        16, gt=0, description="With init eva: training batches read to compute the initialisation (its cost is logged)."
+    )
     rank_pattern: dict[str, int] = Field(
         {}, description="Per-module rank overrides, regex -> rank (e.g. {'layer\\.[45]\\..*': 8})."
     )
@@ -114,7 +120,7 @@ class LoraConfig(Section):
     @field_validator("init")
     @classmethod
     def _check_init(cls, v: str) -> str:
-        if v in ("default", "gaussian", "pissa", "olora") or re.fullmatch(r"pissa_niter_\d+", v):
+        if v in ("default", "gaussian", "pissa", "olora", "eva") or re.fullmatch(r"pissa_niter_\d+", v):
             return v
         raise ValueError(f"expected one of {INIT_CHOICES}")
 

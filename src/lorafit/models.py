@@ -299,7 +299,14 @@ def peft_config(lora: LoraSection, model: nn.Module | None = None):
 
     init = {"default": True}.get(lora.init, lora.init)
     targets = lora.target_modules
+    eva = {}
+    if lora.init == "eva":
+        from peft import EvaConfig
+
+        # rho 1: every layer keeps rank r (EVA may otherwise move ranks between layers, and the budget with them)
+        eva = dict(eva_config=EvaConfig(rho=1.0))
     return LoraConfig(
+        **eva,
         task_type=TaskType.SEQ_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -125,6 +125,8 @@ def setup(cfg: Config) -> Setup:
     if counted != b.total:
         raise RuntimeError(f"budget mismatch: computed {b.total} but the wrapped model trains {counted} parameters")
     model.to(device)
+    if cfg.method == "lora" and cfg.lora.init == "eva":
+        eva_init(model, cfg, train_enc, tokenizer.pad_token_id, device)
     store_frozen_in(model, dtype)
     fast = patches.apply(model, cfg.speed)
     log(
@@ -135,6 +137,26 @@ def setup(cfg: Config) -> Setup:
         + (f"; {', '.join(fast)}" if fast else "")
     )
     return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc)
+
+
+def eva_init(model: torch.nn.Module, cfg: Config, train_enc: Encoded, pad_id: int, device: torch.device) -> None:
+    """EVA: peft sets each LoRA A from the SVD of its layer's inputs, over the first lora.eva_batches batches of the
+    first epoch's order (in fp32, without dropout); the RNG is left as it was, so training draws what it would."""
+    from peft import initialize_lora_eva_weights
+
+    started = time.perf_counter()
+    order = train_batches(train_enc.lengths, cfg.train.batch_size, cfg.train.seed, 0, cfg.speed.group_by_length)
+    batches = [
+        collate(train_enc, index, pad_id, device, cfg.speed.pad_to_multiple_of)
+        for index in order[: cfg.lora.eva_batches]
+    ]
+    rng = torch.get_rng_state()
+    model.eval()
+    with torch.no_grad():
+        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    model.train()
+    torch.set_rng_state(rng)
+    log(f"EVA initialisation: {len(batches)} training batches in {time.perf_counter() - started:.1f}s")
 
 
 def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
