@@ -105,7 +105,7 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
     for folder in folders:
         folder = Path(folder)
         cfg = runs.read_run_config(folder)
-        if cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
+        if cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
             loaded.append(load_run(folder, precision))
             continue
         label_names = runs.read_labels(folder)
