@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorafit.cli import main
-from lorafit.config import Config, DataConfig, all_keys, load_config, validate
+from lorafit.config import METHODS, Config, DataConfig, all_keys, load_config, validate
 from lorafit.data import load_data
 from lorafit.errors import LorafitError
 
@@ -437,7 +437,11 @@ def test_bad_model_path(case, tmp_path, tiny_bert, small_csv, capsys, cases_trie
 # ---------------------------------------------------------------------------------------------------------------------
 # Generated inputs (hypothesis): accepted and valid, or a LorafitError, never another exception
 
-SECTIONS = {name: field.annotation for name, field in Config.model_fields.items()}
+SECTIONS = {  # the sections; `method` is a top-level key of its own
+    name: field.annotation
+    for name, field in Config.model_fields.items()
+    if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields")
+}
 SECTION_KEYS = {name: list(ann.model_fields) for name, ann in SECTIONS.items()}
 SECTION_KEYS["train"].append("early_stopping")
 
@@ -462,6 +466,8 @@ values = st.recursive(
 def config_dicts(draw):
     """Mostly real sections and keys (some with values of the right kind), plus misspellings and junk."""
     out = {}
+    if draw(st.integers(0, 2)) == 0:
+        out["method"] = draw(st.one_of(st.sampled_from([*METHODS, "dora"]), values))
     for section in draw(st.lists(st.sampled_from([*SECTIONS, "trian", "x"]), max_size=5, unique=True)):
         if draw(st.integers(0, 9)) == 0:
             out[section] = draw(values)
