@@ -92,16 +92,7 @@ def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
         parts["bias"] = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not in_head(n))
     elif lora.bias == "lora_only":
         parts["bias"] = sum(lin.bias.numel() for lin in matched.values() if lin.bias is not None)
-    base_total = sum(p.numel() for p in model.parameters())
-    return Budget(
-        model=cfg.model.name,
-        parts=parts,
-        per_module=per_module,
-        total=sum(parts.values()),
-        max_trainable=cfg.budget.max_trainable,
-        base_total=base_total,
-        head_modules=heads,
-    )
+    return _budget(cfg, parts, per_module, sum(p.numel() for p in model.parameters()), heads)
 
 
 def counted(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Budget:
@@ -146,6 +137,10 @@ def counted(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
             part = "bias" if inner.endswith(".bias") else segments[-1]
         parts[part] = parts.get(part, 0) + p.numel()
     parts = {k: parts[k] for k in sorted(parts, key=lambda k: (k in ("head", "bias"), k))}  # the adapter's first
+    return _budget(cfg, parts, per_module, base_total, heads)
+
+
+def _budget(cfg: Config, parts: dict, per_module: dict, base_total: int, heads: list[str]) -> Budget:
     return Budget(
         model=cfg.model.name,
         parts=parts,
