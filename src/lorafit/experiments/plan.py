@@ -173,6 +173,7 @@ def _heads(base: Config, skeletons: Skeletons, qv_targets) -> list[str]:
 # none (one scale per adapted feature), nor has BitFit (one bias). Values that do not fit a model are skipped (OFT's block sizes that do not
 # divide the layers' inputs).
 METHOD_SIZES = {
+    "adalora": ("adalora.init_r", DEFAULT_RANKS, "init_r"),  # cut to half of it on average (target_r)
     "ia3": None,
     "vera": ("vera.r", (64, 256, 1024), "r"),
     "fourierft": ("fourierft.n_frequency", (250, 1000, 4000, 16000), "n_frequency"),
@@ -264,6 +265,8 @@ def _method_candidates(
                 point = {"method": method, "model.head": head, f"{method}.target_modules": value}
                 if method == "ia3":
                     point["ia3.feedforward_modules"] = []
+                if method == "adalora":
+                    point["adalora.target_r"] = max(1, size // 2)
                 if key:
                     point[key] = size
                 if max_trainable and max_trainable != base.budget.max_trainable:
