@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import Config
 from .errors import BudgetExceeded
-from .models import build_model, head_modules, matched_modules, wrap
+from .models import build_model, head_modules, in_head, matched_modules, wrap
 
 
 @dataclass
@@ -86,10 +86,11 @@ def compute(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
         entry["params"] += a + b + m
 
     heads = head_modules(model)
-    in_head = lambda n: any(n == h or n.startswith(h + ".") for h in heads)  # noqa: E731
-    parts["head"] = sum(p.numel() for n, p in model.named_parameters() if in_head(n))
+    parts["head"] = sum(p.numel() for n, p in model.named_parameters() if in_head(n, heads))
     if lora.bias == "all":
-        parts["bias"] = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not in_head(n))
+        parts["bias"] = sum(
+            p.numel() for n, p in model.named_parameters() if n.endswith(".bias") and not in_head(n, heads)
+        )
     elif lora.bias == "lora_only":
         parts["bias"] = sum(lin.bias.numel() for lin in matched.values() if lin.bias is not None)
     return _budget(cfg, parts, per_module, sum(p.numel() for p in model.parameters()), heads)
@@ -123,7 +124,7 @@ def counted(cfg: Config, num_labels: int, model: nn.Module | None = None) -> Bud
         if not p.requires_grad or fixed.intersection(segments):
             continue
         at = next((i for i, seg in enumerate(segments) if seg in adapter_names), None)
-        if any(inner == h or inner.startswith(h + ".") for h in heads):
+        if in_head(inner, heads):
             part = "head"
         elif at is not None:
             part = segments[at]
@@ -165,13 +166,13 @@ def _fewer(method: str) -> str:
     """How to train fewer parameters with a method's own options."""
     if method == "lora":
         return "lower lora.r, adapt fewer modules (lora.target_modules, lora.layers_to_transform)"
-    size = {
-        "vera": "",
+    size = {  # the method's own size setting; IA3, VeRA's trained vectors and BitFit have none worth lowering
+        "adalora": "lower adalora.init_r, ",
         "fourierft": "lower fourierft.n_frequency, ",
         "loha": "lower loha.r, ",
         "lokr": "lower lokr.r, ",
+        "oft": "lower oft.block_size, ",
     }
-    size |= {"oft": "lower oft.block_size, ", "ia3": "", "bitfit": "", "adalora": "lower adalora.init_r, "}
     return f"{size.get(method, '')}adapt fewer modules ({method}.target_modules)"
 
 

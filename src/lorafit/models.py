@@ -358,6 +358,17 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def in_head(name: str, heads: list[str]) -> bool:
+    """Whether a module or parameter name lies in one of the head modules (`head_modules`)."""
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def linears_outside_head(model: nn.Module) -> list[str]:
+    """The names of the model's Linear modules that are not part of its head, in module order."""
+    heads = head_modules(model)
+    return [n for n in _linear_modules(model) if not in_head(n, heads)]
+
+
 def method_options(cfg: Config):
     """The config section of cfg's method: `lora` for LoRA, `vera` for VeRA, and so on."""
     return getattr(cfg, cfg.method)
@@ -456,9 +467,7 @@ def _first_line(e: Exception) -> str:
 def _outside_head_pattern(model: nn.Module) -> str:
     import re
 
-    heads = head_modules(model)
-    names = [n for n in _linear_modules(model) if not any(n == h or n.startswith(h + ".") for h in heads)]
-    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return "(?:" + "|".join(re.escape(n) for n in linears_outside_head(model)) + ")"
 
 
 def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
@@ -479,10 +488,7 @@ def matched_modules(model: nn.Module, cfg: Config) -> dict[str, nn.Linear]:
                     f"{section}.target_modules matches {name!r}, a {type(module).__name__}, not a Linear layer; target Linear layers only"
                 )
             matched[name] = module
-    heads = head_modules(model)
-    available = sorted(
-        {n.rsplit(".", 1)[-1] for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)}
-    )
+    available = sorted({n.rsplit(".", 1)[-1] for n in linears_outside_head(model)})
     targets = method_options(cfg).target_modules
     if isinstance(targets, list):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]

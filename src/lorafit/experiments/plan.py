@@ -17,7 +17,7 @@ from .. import budget as budget_mod
 from ..atomic import atomic_write_text
 from ..config import Config
 from ..errors import LorafitError
-from ..models import head_modules, layers_pattern, matched_modules
+from ..models import layers_pattern, linears_outside_head, matched_modules
 from .points import Skeletons, apply_point, flow
 
 DEFAULT_RANKS = (2, 4, 8, 16)
@@ -71,7 +71,6 @@ class Plan:
 def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
     """The non-head Linear modules of the transformer blocks by role (q, k, v, o, ffn), the layer indices and
     the name of the block list ('layer')."""
-    heads = head_modules(model)
     lp = layers_pattern(model)
     if lp is None:
         raise LorafitError(
@@ -80,7 +79,7 @@ def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
     rx = re.compile(rf"^(?:.*\.)?{re.escape(lp)}\.(\d+)\.(.+)$")
     roles: dict[str, list[str]] = {"q": [], "k": [], "v": [], "o": [], "ffn": []}
     layers = set()
-    for name in linear_names(model, heads):
+    for name in linears_outside_head(model):
         m = rx.match(name)
         if not m:
             continue  # e.g. BERT's pooler: outside the blocks
@@ -91,21 +90,11 @@ def block_roles(model) -> tuple[dict[str, list[str]], list[int], str]:
             role = "o" if re.search(r"attn|attention", rel) else "ffn"
         roles[role].append(name)
     if not roles["q"] or not roles["v"]:
-        found = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model, heads)})
+        found = sorted({n.rsplit(".", 1)[-1] for n in linears_outside_head(model)})
         raise LorafitError(
             f"lorafit plan: cannot tell the query/value projections of {model.config.model_type} (its Linear modules are {found}); write a sweep file by hand"
         )
     return roles, sorted(layers), lp
-
-
-def linear_names(model, heads: list[str]) -> list[str]:
-    from torch import nn
-
-    return [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not any(n == h or n.startswith(h + ".") for h in heads)
-    ]
 
 
 def target_names(names: list[str], wanted: set[str]) -> list[str]:
@@ -197,7 +186,7 @@ def make_plan(
     n = skeletons.num_labels(base)
     model = skeletons.model(apply_point(base, {"model.head": "default"}, "base config"), n)
     roles, layers, lp = block_roles(model)
-    names = linear_names(model, head_modules(model))
+    names = linears_outside_head(model)
     upper = layers[len(layers) // 2 :]
     upper_regex = rf"{lp}\.({'|'.join(map(str, upper))})\..*"
     ratio = base.lora.alpha / base.lora.r
@@ -210,7 +199,7 @@ def make_plan(
     for method in methods:
         if method == "lora":
             continue
-        found, n_counted = _method_candidates(base, method, targets, heads, skeletons, limit, max_trainable)
+        found, n_counted = _method_candidates(base, base_dict, method, targets, heads, skeletons, limit, max_trainable)
         fits += found
         counted += n_counted
         counted_by_method[method] = n_counted
@@ -253,11 +242,17 @@ def make_plan(
 
 
 def _method_candidates(
-    base: Config, method: str, targets: dict, heads: list[str], skeletons: Skeletons, limit: int, max_trainable
+    base: Config,
+    base_dict: dict,
+    method: str,
+    targets: dict,
+    heads: list[str],
+    skeletons: Skeletons,
+    limit: int,
+    max_trainable,
 ) -> tuple[list[Candidate], int]:
     """The layouts of a method other than LoRA: its target sets x its size setting x the heads."""
     key, values, shown = METHOD_SIZES[method] or (None, (None,), "")
-    base_dict = base.to_dict()
     fits, counted = [], 0
     for label, value in targets.items():
         for size in values:

@@ -290,8 +290,14 @@ def _can_pack(module: nn.Module) -> bool:
 
 # peft methods whose layers call their base layer as it is, never reading its weight (which packing takes away);
 # the others (LoHa and LoKr shape their update by it, OFT rotates it) keep a plain base layer
-CALL_THE_BASE_LAYER = ("peft.tuners.lora.", "peft.tuners.adalora.", "peft.tuners.ia3.", "peft.tuners.vera.")
-CALL_THE_BASE_LAYER += ("peft.tuners.fourierft.", "peft.tuners.beft.")
+CALL_THE_BASE_LAYER = (
+    "peft.tuners.lora.",
+    "peft.tuners.adalora.",
+    "peft.tuners.ia3.",
+    "peft.tuners.vera.",
+    "peft.tuners.fourierft.",
+    "peft.tuners.beft.",
+)
 
 
 def _reads_base_weight(module: nn.Module) -> bool:
