@@ -180,7 +180,12 @@ def test_saved_runs_predict_through_the_kernel_as_through_sdpa(small_csv, tmp_pa
     )
     fast = load_run(tmp_path / "r", merge=True)
     config = tmp_path / "r" / "config.yaml"
-    config.write_text(config.read_text().replace("fast_attention: true", "fast_attention: false"))
+    # without the padding skip too: that runs SDPA through lorafit_attention (PLAIN_ATTENTION), which pads back per text
+    config.write_text(
+        config.read_text()
+        .replace("fast_attention: true", "fast_attention: false")
+        .replace("skip_padding: true", "skip_padding: false")
+    )
     plain = load_run(tmp_path / "r", merge=True)
     assert (
         fast.model.config._attn_implementation == "lorafit_kernel" and plain.model.config._attn_implementation == "sdpa"

@@ -377,6 +377,14 @@ class SpeedConfig(Section):
         True,
         description="Inference only (validation, eval, predict) on a CPU with AVX-512 BF16: attention by lorafit's own kernel, built once with the system C compiler (SDPA's numerics; SDPA where it cannot be built).",
     )
+    skip_padding: bool = Field(
+        True,
+        description="Inference only (eval, predict, serve) on BERT/RoBERTa: the encoder layers run on each batch's real tokens, not its padding; attention still sees each text alone.",
+    )
+    lean_lora: bool = Field(
+        True,
+        description="Inference with an unmerged plain LoRA adapter (serve): each adapted layer adds its update to the base output in one fused matmul-add instead of peft's separate ops.",
+    )
 
 
 class BudgetConfig(Section):

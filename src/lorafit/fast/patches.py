@@ -107,6 +107,22 @@ def lorafit_attention(
     masks (cheap_dropout), and inference calls (no dropout, no gradient, bf16) by lorafit's kernel (kernel)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    packing = kwargs.pop("lorafit_packing", None)
+    if packing is not None:  # the encoder runs on real tokens only: attention sees each text padded, as before
+        query, key, value = (packing.pad_heads(t) for t in (query, key, value))
+        out, _ = lorafit_attention(
+            module,
+            query,
+            key,
+            value,
+            packing.mask,
+            dropout,
+            scaling,
+            cheap_dropout=cheap_dropout,
+            kernel=kernel,
+            **kwargs,
+        )
+        return packing.unpad(out), None
     if kernel and dropout == 0.0 and not (getattr(module, "is_causal", False) or kwargs.get("is_causal")):
         if kernels.attention_applies(query, key, value, attention_mask):
             return kernels.attention(query, key, value, attention_mask, scaling), None
@@ -127,6 +143,8 @@ def lorafit_attention(
 
 # the registered variants of lorafit_attention: (cheap_dropout, kernel) by name
 ATTENTIONS = {"lorafit_sdpa": (True, False), "lorafit_kernel": (False, True), "lorafit_sdpa_kernel": (True, True)}
+# SDPA itself, through lorafit_attention: what a model whose attention takes neither shortcut needs to skip padding
+PLAIN_ATTENTION = "lorafit_plain"
 
 
 def register_attention() -> None:
@@ -135,7 +153,7 @@ def register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for name, (cheap_dropout, kernel) in ATTENTIONS.items():
+    for name, (cheap_dropout, kernel) in [*ATTENTIONS.items(), (PLAIN_ATTENTION, (False, False))]:
         AttentionInterface.register(name, partial(lorafit_attention, cheap_dropout=cheap_dropout, kernel=kernel))
         AttentionMaskInterface.register(name, sdpa_mask)
 
@@ -215,13 +233,24 @@ def _first_token_forward(
     per text instead of all of them. The result for that row is the same as the full layer's.
     """
     att = self.attention.self
-    b, t, _ = hidden_states.shape
     heads, size = att.num_attention_heads, att.attention_head_size
-    first = hidden_states[:, :1]
-    q = att.query(first).view(b, 1, heads, size).transpose(1, 2)
-    k = att.key(hidden_states).view(b, t, heads, size).transpose(1, 2)
-    v = att.value(hidden_states).view(b, t, heads, size).transpose(1, 2)
-    mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (b, 1, t, t) -> (b, 1, 1, t)
+    packing = kwargs.get("lorafit_packing")
+    # the query first, then keys and values: the order their (LoRA) dropout masks are drawn in
+    if packing is not None:  # (1, real tokens, hidden): each text's first token, keys and values padded per text
+        first = hidden_states[0].index_select(0, packing.first).unsqueeze(1)
+        b, n = len(packing.first), hidden_states.shape[1]
+        q = att.query(first).view(b, 1, heads, size).transpose(1, 2)
+        k, v = (
+            packing.pad_heads(f(hidden_states).view(1, n, heads, size).transpose(1, 2)) for f in (att.key, att.value)
+        )
+        mask = packing.mask
+    else:
+        b, t, _ = hidden_states.shape
+        first = hidden_states[:, :1]
+        q = att.query(first).view(b, 1, heads, size).transpose(1, 2)
+        k = att.key(hidden_states).view(b, t, heads, size).transpose(1, 2)
+        v = att.value(hidden_states).view(b, t, heads, size).transpose(1, 2)
+        mask = attention_mask[:, :, :1] if attention_mask is not None else None  # (b, 1, t, t) -> (b, 1, 1, t)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     dropout = att.dropout.p if self.training else 0.0
@@ -355,3 +384,117 @@ def apply(model: nn.Module, speed) -> list[str]:
     if speed.skip_unused_tokens and first_token_last_layer(model):
         on.append("first-token-only last layer")
     return on
+
+
+class Packing:
+    """Where a padded batch's real tokens are: the encoder runs on those alone, as one (1, real tokens, hidden)
+    sequence, and attention pads them back per text for its own step.
+
+    From the model's boolean attention mask (batch, 1, length, length), whose every query row is the key mask."""
+
+    def __init__(self, keys: torch.Tensor):
+        self.batch, self.length = keys.shape
+        flat = keys.reshape(-1)
+        self.rows = flat.nonzero().squeeze(1)  # the real tokens' positions in the flattened padded batch
+        # for every padded position, the packed row it reads: its own where real; a real row of the same text where
+        # padding, which the mask then hides (so no position reads outside the packed tensor)
+        self.gather = (flat.cumsum(0) - 1).clamp_(min=0)
+        self.first = self.gather[:: self.length]  # each text's first token
+        self.mask = keys[:, None, None, :]
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor | None) -> Packing | None:
+        """The packing of a batch, or None where there is nothing to gain (no padding, or one text)."""
+        if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+            return None
+        keys = attention_mask[:, 0, 0, :]  # the first token is always real, so its row is the key mask
+        if len(keys) < 2 or bool(keys.all()):
+            return None
+        return cls(keys)
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(batch, length, hidden) -> (1, real tokens, hidden)."""
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.rows).unsqueeze(0)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(1, real tokens, hidden) -> (batch, length, hidden), zeros where padding."""
+        out = packed.new_zeros(self.batch * self.length, packed.shape[-1])
+        out.index_copy_(0, self.rows, packed[0])
+        return out.view(self.batch, self.length, -1)
+
+    def pad_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """A packed (1, heads, real tokens, head size) query/key/value -> (batch, heads, length, head size)."""
+        _, heads, n, size = t.shape
+        padded = t.transpose(1, 2).reshape(n, heads * size).index_select(0, self.gather)
+        return padded.view(self.batch, self.length, heads, size).transpose(1, 2)
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention's (batch, length, heads, head size) output -> packed (1, real tokens, heads, head size)."""
+        heads, size = out.shape[2:]
+        return out.reshape(-1, heads * size).index_select(0, self.rows).view(1, -1, heads, size)
+
+
+def _packed_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """The encoder on the real tokens only (inference); its output padded back, or (batch, 1, hidden) where the
+    last layer computes only the first token."""
+    packing = None if self.training or torch.is_grad_enabled() else Packing.of(attention_mask)
+    if packing is None:
+        return self.padded_forward(hidden_states, attention_mask, *args, **kwargs)
+    out = self.padded_forward(packing.pack(hidden_states), None, *args, lorafit_packing=packing, **kwargs)
+    if out.last_hidden_state.shape[0] == 1:
+        out.last_hidden_state = packing.unpack(out.last_hidden_state)
+    return out
+
+
+def skip_padding(model: nn.Module) -> bool:
+    """Let a BERT/RoBERTa encoder run on the real tokens of each inference batch only (see Packing); returns whether
+    it applied. Needs the model's attention to be lorafit_attention (which pads back per text): an SDPA model is
+    switched to the plain variant, the same computation. Gradient-enabled calls (training) keep the padded path."""
+    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoders = [
+        m for m in base.modules() if isinstance(getattr(m, "layer", None), nn.ModuleList) and hasattr(m, "config")
+    ]
+    if len(encoders) != 1 or not all(hasattr(x, "feed_forward_chunk") for x in encoders[0].layer):
+        return False
+    implementation = base.config._attn_implementation
+    if implementation not in ATTENTIONS and implementation != PLAIN_ATTENTION:
+        if implementation != "sdpa":
+            return False
+        register_attention()
+        base.set_attn_implementation(PLAIN_ATTENTION)
+    encoder = encoders[0]
+    if not hasattr(encoder, "padded_forward"):
+        encoder.padded_forward = encoder.forward
+        encoder.forward = _packed_encoder_forward.__get__(encoder)
+    return True
+
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A plain LoRA layer at inference: base(x) + s · (x Aᵀ) Bᵀ, the update added by one in-place addmm."""
+    if self.training or torch.is_grad_enabled() or self.merged or self.disable_adapters or args or kwargs:
+        return self.peft_forward(x, *args, **kwargs)
+    out = self.base_layer(x)
+    low = x.reshape(-1, x.shape[-1]).to(self.lean_a.dtype) @ self.lean_a  # autocast: in the compute dtype
+    out.view(-1, out.shape[-1]).addmm_(low.to(out.dtype), self.lean_b.to(out.dtype), alpha=self.lean_scale)
+    return out
+
+
+def lean_lora(model: nn.Module) -> int:
+    """Give every unmerged plain LoRA Linear layer of an inference model (one adapter, no DoRA or other variant; its
+    dropout is off at inference) the forward above; returns how many. It keeps views of A and B as they are now:
+    call it once their dtype is final. Calls with a gradient, in training mode, or after merging keep peft's."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for m in model.modules():
+        if type(m) is not LoraLinear or list(m.lora_A) != ["default"] or m.lora_variant or m.fan_in_fan_out:
+            continue
+        m.lean_a, m.lean_b = m.lora_A["default"].weight.detach().t(), m.lora_B["default"].weight.detach().t()
+        m.lean_scale = float(m.scaling["default"])
+        if not hasattr(m, "peft_forward"):
+            m.peft_forward = m.forward
+            m.forward = _lean_lora_forward.__get__(m)
+        n += 1
+    return n

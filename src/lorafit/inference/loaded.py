@@ -17,7 +17,14 @@ from .. import runs
 from ..batching import Encoded, encode, predict_logits
 from ..config import Config
 from ..fast.device import pick_device, release_free_memory, resolve_precision, store_frozen_in
-from ..fast.patches import first_token_last_layer, pack_linear_layers, use_fast_dora, use_lorafit_attention
+from ..fast.patches import (
+    first_token_last_layer,
+    lean_lora,
+    pack_linear_layers,
+    skip_padding,
+    use_fast_dora,
+    use_lorafit_attention,
+)
 from ..models import build_model, head_modules, load_tokenizer, quiet_peft_warnings, resolve
 
 
@@ -67,6 +74,8 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     for_inference(model, cfg, device, dtype)
     if merge and cfg.speed.pack_weights:
         pack_linear_layers(model)  # after merging: the packed weights are final
+    if not merge and cfg.speed.lean_lora:
+        lean_lora(model)
     tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
 
@@ -81,6 +90,8 @@ def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dty
         first_token_last_layer(model)
     if cfg.speed.fast_attention:
         use_lorafit_attention(model, cheap_dropout=False, kernel=True)
+    if cfg.speed.skip_padding:
+        skip_padding(model)
 
 
 # Initialisations that rewrite the base weights they adapt (PiSSA, pissa_niter_N and OLoRA move the top singular
@@ -120,6 +131,8 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
             model = PeftModel.from_pretrained(skeleton, str(folder / runs.ADAPTER))
         for_inference(model, cfg, device, dtype)  # the shared tensors already are in dtype: no copy is made
         adapters_in(model, dtype)
+        if cfg.speed.lean_lora:
+            lean_lora(model)  # after adapters_in: it keeps views of A and B in their final dtype
         if cfg.speed.fast_dora:
             use_fast_dora(model)
         if cfg.speed.pack_weights:
