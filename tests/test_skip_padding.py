@@ -125,6 +125,10 @@ def test_packing_maps_each_padded_position_to_a_real_token_of_its_own_text():
     hidden = torch.randn(3, 4, 5)
     torch.testing.assert_close(p.unpack(p.pack(hidden)), hidden * keys[..., None])
     assert Packing.of(torch.ones(3, 1, 4, 4, dtype=torch.bool)) is None  # no padding: nothing to gain
+    mostly_real = torch.ones(4, 1, 10, 10, dtype=torch.bool)
+    mostly_real[0, ..., -1] = False  # one padded position in 40: the gathers would cost more than they save
+    assert Packing.of(mostly_real) is None
+    assert Packing.of(keys[:, None, None, :].expand(3, 1, 4, 4)) is not None
     assert Packing.of(torch.zeros(3, 1, 4, 4)) is None  # an additive float mask: not ours to read
 
 

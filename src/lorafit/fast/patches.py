@@ -386,6 +386,11 @@ def apply(model: nn.Module, speed) -> list[str]:
     return on
 
 
+# Above this share of real tokens (length-sorted batches, as predict makes them) the gathers cost about what the
+# skipped padding would (scripts/inference-shortcuts): the batch runs padded.
+MOSTLY_REAL = 0.9
+
+
 class Packing:
     """Where a padded batch's real tokens are: the encoder runs on those alone, as one (1, real tokens, hidden)
     sequence, and attention pads them back per text for its own step.
@@ -408,7 +413,7 @@ class Packing:
         if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
             return None
         keys = attention_mask[:, 0, 0, :]  # the first token is always real, so its row is the key mask
-        if len(keys) < 2 or bool(keys.all()):
+        if len(keys) < 2 or keys.sum() > MOSTLY_REAL * keys.numel():
             return None
         return cls(keys)
 

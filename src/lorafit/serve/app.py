@@ -37,7 +37,7 @@ from .registry import ServedRun
 class Limits:
     max_texts: int = 256  # texts in one request
     max_body_bytes: int = 1 << 20
-    max_batch: int = 16  # texts in one forward pass
+    max_batch: int = 32  # texts in one forward pass
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
     max_queue: int = 4096  # texts waiting; beyond it requests get 503 + Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take
