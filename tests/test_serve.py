@@ -528,6 +528,30 @@ def test_runs_on_one_base_share_its_weights_and_answer_as_alone(tiny_run, tiny_b
         )
 
 
+def test_merged_runs_answer_as_predict_and_share_what_the_merge_left(tiny_run, tiny_bert, tmp_path, one_thread):
+    """`lorafit serve --merge`: each run merged exactly as predict merges it (the same logits, bit for bit), PiSSA
+    included; embeddings and layer norms stay one copy across runs, the adapted layers are each run's own."""
+    from lorafit.inference.loaded import load_run, load_runs
+    from lorafit.serve.registry import load_served
+
+    data = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["source"])
+    pissa = train(str(tiny_bert), data, tmp_path / "pissa", "lora.init=pissa")
+    a, b = load_runs([tiny_run, pissa], merge=True)
+    assert a.merged and b.merged and a.shares_base and b.shares_base
+    shared = set(_frozen_pointers(a).items()) & set(_frozen_pointers(b).items())
+    assert any("word_embeddings" in n for n, _ in shared) and any("LayerNorm" in n for n, _ in shared)
+    adapted = [n for n, _ in a.model.named_parameters() if n.endswith("query.weight")]
+    assert adapted and not {n for n, _ in shared} & set(adapted)  # merged layers: each run's own
+    texts = ["Stocks fell sharply on Monday", "The striker scored twice", "Oil."]
+    for served, folder in ((a, tiny_run), (b, pissa)):
+        alone = load_run(folder, merge=True)
+        np.testing.assert_array_equal(
+            served.predict_logits(served.encode(texts)), alone.predict_logits(alone.encode(texts))
+        )
+    listing = load_served([("tiny", tiny_run)], merge=True)["tiny"].listing()
+    assert listing["merged"] is True and listing["base_shared"] is True
+
+
 def test_benchmark_rewrites_only_its_section(tmp_path):
     from lorafit.serve.bench import END, START, write_between_markers
 

@@ -582,6 +582,11 @@ def add_serve(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="override the runs' precision")
     p.add_argument("--threads", type=int, help="compute threads (default: every core)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="serve each run merged, as predict computes it (faster; each run then holds its own copy of the layers it adapts)",
+    )
     p.set_defaults(fn=cmd_serve)
 
 
@@ -597,7 +602,9 @@ def cmd_serve(a) -> int:
         if getattr(a, flag) < 0:
             raise LorafitError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected zero or more")
     limits = Limits(a.max_texts, a.max_body_bytes, a.max_batch, a.max_wait_ms, a.max_queue, a.drain_seconds)
-    serve(a.runs, a.host, a.port, limits, a.token_file, a.trusted_network, a.precision, a.threads, a.access_log)
+    serve(
+        a.runs, a.host, a.port, limits, a.token_file, a.trusted_network, a.precision, a.threads, a.access_log, a.merge
+    )
     return 0
 
 

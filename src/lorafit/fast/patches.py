@@ -335,15 +335,20 @@ def _reads_base_weight(module: nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer) and not type(module).__module__.startswith(CALL_THE_BASE_LAYER)
 
 
-def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Module] | None = None) -> int:
+def pack_linear_layers(
+    model: nn.Module, shared: dict[tuple[int, bool], nn.Module] | None = None, shareable: set[int] | None = None
+) -> int:
     """Swap every frozen bf16 nn.Linear of a CPU model for a PackedLinear, fusing exact GELU into BERT/RoBERTa's
     feed-forward layers; returns how many were swapped (0 where oneDNN or its bf16 ops are missing).
 
     For prediction only (no gradients): a merged model, or an unmerged LoRA one, whose adapted layers keep their
     adapter and get a packed base layer (DoRA's need their base weight itself, and keep it). `shared` maps a
     weight's data pointer to its packed layer, so models whose frozen weights are the same tensors (runs served on
-    one base) share the packed copy too. bf16 only: that is where the packed layout measured faster
-    (docs/performance.md); fp32 linears keep torch's MKL path."""
+    one base) share the packed copy too; `shareable`, where given, limits that to weights at those data pointers
+    (a weight freed once packed, a merged run's own, may leave its address to the next one, which must not find its
+    layer). bf16 only: that is where the packed layout measured faster (docs/performance.md); fp32 linears keep
+    torch's MKL path.
+    """
     from transformers.activations import GELUActivation
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and cpu_has_bf16()):
@@ -362,9 +367,12 @@ def pack_linear_layers(model: nn.Module, shared: dict[tuple[int, bool], nn.Modul
             if _can_pack(child):
                 gelu = fusable and name == "dense"
                 key = (child.weight.data_ptr(), gelu)
-                if key not in packed:
-                    packed[key] = PackedLinear(child, gelu=gelu)
-                setattr(m, name, packed[key])
+                if shareable is not None and key[0] not in shareable:
+                    setattr(m, name, PackedLinear(child, gelu=gelu))
+                else:
+                    if key not in packed:
+                        packed[key] = PackedLinear(child, gelu=gelu)
+                    setattr(m, name, packed[key])
                 if gelu:
                     m.intermediate_act_fn = nn.Identity()
                 n += 1

@@ -38,6 +38,7 @@ class LoadedRun:
     device: torch.device
     dtype: torch.dtype
     shares_base: bool = field(default=False)  # its frozen base weights are shared with other loaded runs
+    merged: bool = field(default=False)  # its adapter is merged into its own copy of the layers it adapts
 
     def encode(self, texts: list[str], labels: np.ndarray | None = None) -> Encoded:
         """The run's tokenisation of model input strings (already joined and preprocessed)."""
@@ -99,13 +100,17 @@ def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dty
 INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora")
 
 
-def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[LoadedRun]:
-    """Many runs for serving, unmerged: runs on the same base model (and precision) share one copy of its frozen
-    weights; each adds its adapter and head. A run whose initialisation rewrites the base gets a base of its own.
+def load_runs(folders: Iterable[Path], precision: str | None = None, merge: bool = False) -> list[LoadedRun]:
+    """Many runs for serving: runs on the same base model (and precision) share one copy of its frozen weights;
+    each adds its adapter and head. A run whose initialisation rewrites the base gets a base of its own.
 
     Sharing is by tensor, not by module: each run has its own module tree (peft wraps the Linear modules in place,
     so two runs cannot share a module), whose frozen parameters are the same tensors as the other runs'. On a bf16
     CPU the frozen Linear weights are packed for oneDNN once per base and the packed layers shared too.
+
+    merge=True merges each run as `lorafit predict` does (the same logits, bit for bit) and then shares every
+    tensor the merge left as the base's (embeddings, layer norms, layers it does not adapt): each run holds its
+    own copy of the layers its adapter changes, which is what merging costs, and runs at the merged model's speed.
     """
     from peft import PeftModel
 
@@ -116,7 +121,7 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
     for folder in folders:
         folder = Path(folder)
         cfg = runs.read_run_config(folder)
-        if cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
+        if not merge and cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
             loaded.append(load_run(folder, precision))
             continue
         label_names = runs.read_labels(folder)
@@ -125,6 +130,13 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
         key = (resolve(cfg.model.name)[0], dtype)
         if key not in bases:
             bases[key] = _frozen_tensors(build_model(cfg, len(label_names), label_names), device, dtype)
+        files = _digest(folder / runs.TOKENIZER)
+        if files not in tokenizers:
+            tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
+        if merge:
+            model = _merged_sharing(folder, cfg, label_names, device, dtype, bases[key], packed)
+            loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, True, True))
+            continue
         with quiet_peft_warnings():
             skeleton = build_model(cfg, len(label_names), label_names, weights=False)
             _use_tensors(skeleton, bases[key])
@@ -137,12 +149,42 @@ def load_runs(folders: Iterable[Path], precision: str | None = None) -> list[Loa
             use_fast_dora(model)
         if cfg.speed.pack_weights:
             pack_linear_layers(model, shared=packed)
-        files = _digest(folder / runs.TOKENIZER)
-        if files not in tokenizers:
-            tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
         loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, shares_base=True))
     release_free_memory()  # the fp32 copies the bases were loaded as
     return loaded
+
+
+def _merged_sharing(
+    folder: Path,
+    cfg: Config,
+    label_names: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    base: dict[str, torch.Tensor],
+    packed: dict,
+) -> torch.nn.Module:
+    """A run merged exactly as load_run(merge=True) merges it, whose tensors that the merge left equal to the
+    shared base's are then replaced by the base's own (before packing, so the packed layers are shared too)."""
+    from peft import PeftModel
+
+    with quiet_peft_warnings():
+        model = PeftModel.from_pretrained(build_model(cfg, len(label_names), label_names), str(folder / runs.ADAPTER))
+        model = model.merge_and_unload()
+        model.requires_grad_(False)
+    for_inference(model, cfg, device, dtype)
+    for module_name, module in model.named_modules():
+        prefix = module_name + "." if module_name else ""
+        for store in (module._parameters, module._buffers):
+            for attr, own in list(store.items()):
+                shared = base.get(prefix + attr)
+                if own is not None and shared is not None and own.dtype == shared.dtype and torch.equal(own, shared):
+                    store[attr] = (
+                        torch.nn.Parameter(shared, requires_grad=False) if store is module._parameters else shared
+                    )
+    if cfg.speed.pack_weights:
+        pack_linear_layers(model, shared=packed, shareable={t.data_ptr() for t in base.values()})
+    release_free_memory()  # the fp32 copy the run was merged in
+    return model
 
 
 def _digest(folder: Path) -> str:

@@ -2,11 +2,13 @@
 
 Side by side, in one run, on the same texts and the same request shape (one text per request, Hugging Face's
 `{"inputs": text}` at /models/NAME):
-- `lorafit serve` with three runs on one base (dynamic batching, shared base weights);
+- `lorafit serve` with three runs on one base (dynamic batching, shared base weights), and with `--merge` (each run
+  merged as predict computes it, sharing what the merge leaves unchanged);
 - the usual alternative: each run exported as a merged transformers model, one `pipeline` each, behind a plain
   FastAPI server that calls the pipeline per request (no batching), in the run's precision;
 - the ceiling: lorafit predict's own throughput on the same texts (the model alone: length-sorted batches, no HTTP).
-Throughput and p50/p99 latency at each concurrency, and the servers' resident memory with 1, 10 and 50 runs.
+Throughput and p50/p99 latency at each concurrency (also with 16 texts per request for lorafit serve), and the
+servers' resident memory with 1, 10 and 50 runs.
 Without --run it first trains a short run of the default recipe on the embedded MiniLM (speed does not depend on
 how long a run trained).
 """
@@ -151,10 +153,10 @@ class Child:
         self._out.close()
 
 
-def lorafit_server(runs: dict[str, Path], log: Path) -> Child:
+def lorafit_server(runs: dict[str, Path], log: Path, *flags: str) -> Child:
     port = free_port()
     args = [sys.executable, "-m", "lorafit", "serve", *(f"{n}={p}" for n, p in runs.items()), "--port", str(port)]
-    return Child(args, port, log)
+    return Child([*args, *flags], port, log)
 
 
 def pipeline_server(models: dict[str, Path], dtype: str, log: Path) -> Child:
@@ -255,21 +257,26 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = predict_ceiling(run, texts)
 
         rows = {}
-        print("lorafit serve ...", file=sys.stderr, flush=True)
-        server = lorafit_server(served, work / "serve.log")
-        try:
-            load(server.port, paths, texts, 8, 200)  # warm up
-            rows["lorafit serve"] = [
-                with_ceiling(ceiling, lambda c=c: load(server.port, paths, texts, c, a.requests)) for c in CONCURRENCY
-            ]
-            rows["lorafit serve"] += [
-                with_ceiling(
-                    ceiling, lambda c=c: load(server.port, paths, texts, c, a.requests // PER_REQUEST, PER_REQUEST)
-                )
-                for c in CONCURRENCY
-            ]
-        finally:
-            server.stop()
+        for label, flags in (("lorafit serve", ()), ("lorafit serve --merge", ("--merge",))):
+            print(f"{label} ...", file=sys.stderr, flush=True)
+            server = lorafit_server(served, work / "serve.log", *flags)
+            try:
+                load(server.port, paths, texts, 8, 200)  # warm up
+                rows[label] = [
+                    with_ceiling(ceiling, lambda c=c, port=server.port: load(port, paths, texts, c, a.requests))
+                    for c in CONCURRENCY
+                ]
+                rows[label] += [
+                    with_ceiling(
+                        ceiling,
+                        lambda c=c, port=server.port: load(
+                            port, paths, texts, c, a.requests // PER_REQUEST, PER_REQUEST
+                        ),
+                    )
+                    for c in CONCURRENCY
+                ]
+            finally:
+                server.stop()
 
         print("merged models, one pipeline each ...", file=sys.stderr, flush=True)
         merged = work / "merged"
@@ -295,6 +302,15 @@ def main(argv: list[str] | None = None) -> None:
                 memory[n] = rss_mb(server.proc.pid)
             finally:
                 server.stop()
+        merged_memory = {}
+        for n in (1, 10):
+            some = dict(list(copies.items())[:n])
+            server = lorafit_server(some, work / f"mem-merged{n}.log", "--merge")
+            try:
+                load(server.port, [f"/models/{k}" for k in some], texts, 4, MEMORY_REQUESTS)
+                merged_memory[n] = rss_mb(server.proc.pid)
+            finally:
+                server.stop()
         pipe_memory = {}
         for n in (1, 10):
             pipes = pipeline_server({k: merged for k in names[:n]}, dtype, work / f"pipemem{n}.log")
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                 pipe_memory[n] = rss_mb(pipes.proc.pid)
             finally:
                 pipes.stop()
-        report = render(rows, memory, pipe_memory, cfg, dtype, a.requests)
+        report = render(rows, memory, merged_memory, pipe_memory, cfg, dtype, a.requests)
         write_between_markers(a.out, report)
         print(report)
     finally:
@@ -332,7 +348,7 @@ def _run_dtype(cfg) -> str:
     return str(resolve_precision(cfg.train.precision, pick_device())).replace("torch.", "")
 
 
-def render(rows: dict, memory: dict, pipe_memory: dict, cfg, dtype: str, requests: int) -> str:
+def render(rows: dict, memory: dict, merged_memory: dict, pipe_memory: dict, cfg, dtype: str, requests: int) -> str:
     ceilings = [r["ceiling"] for results in rows.values() for r in results]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python -m lorafit.serve.bench` on this machine ({os.cpu_count()} cores), "
@@ -355,12 +371,13 @@ def render(rows: dict, memory: dict, pipe_memory: dict, cfg, dtype: str, request
         "",
         "Resident memory of the server process (VmRSS after every run has answered):",
         "",
-        "| runs | lorafit serve MB | × 1 run | pipeline per run MB |",
-        "|---:|---:|---:|---:|",
+        "| runs | lorafit serve MB | × 1 run | lorafit serve --merge MB | pipeline per run MB |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for n, mb in memory.items():
+        merged = f"{merged_memory[n]:,.0f}" if n in merged_memory else "–"
         pipe = f"{pipe_memory[n]:,.0f}" if n in pipe_memory else "–"
-        lines.append(f"| {n} | {mb:,.0f} | {mb / memory[min(memory)]:.2f} | {pipe} |")
+        lines.append(f"| {n} | {mb:,.0f} | {mb / memory[min(memory)]:.2f} | {merged} | {pipe} |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,7 @@ class ServedRun:
             "name": self.name,
             "base": hub_id(cfg.model.name),
             "base_shared": self.run.shares_base,
+            "merged": self.run.merged,
             "labels": self.label_names,
             "trainable_parameters": trainable or metrics.get("training", {}).get("trainable_parameters"),
             "validation": {k: v for k, v in metrics.get("val", {}).items() if isinstance(v, int | float)},
@@ -97,6 +98,8 @@ def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
-def load_served(pairs: list[tuple[str, Path]], precision: str | None = None) -> dict[str, ServedRun]:
-    loaded = load_runs([folder for _, folder in pairs], precision)
+def load_served(
+    pairs: list[tuple[str, Path]], precision: str | None = None, merge: bool = False
+) -> dict[str, ServedRun]:
+    loaded = load_runs([folder for _, folder in pairs], precision, merge)
     return {name: ServedRun(name, Classifier(run)) for (name, _), run in zip(pairs, loaded, strict=True)}

@@ -56,6 +56,7 @@ def serve(
     precision: str | None = None,
     threads: int | None = None,
     access_log: bool = False,
+    merge: bool = False,
 ) -> None:
     import uvicorn
 
@@ -65,7 +66,7 @@ def serve(
     pairs = parse_specs(specs)  # every argument is checked before any model loads
     listener = bind(host, port)
     set_threads(threads)
-    served = load_served(pairs, precision)
+    served = load_served(pairs, precision, merge)
     app = create_app(served, limits, token)
 
     class DrainingServer(uvicorn.Server):
