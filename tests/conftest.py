@@ -54,6 +54,26 @@ def make_tiny_model(folder: Path, model_type: str = "bert", hidden: int = 32) ->
     return folder
 
 
+def adapted_model(folder: Path, head: str = "default", **lora):
+    """A tiny model with a LoRA adapter (r 4, all-linear, plus `lora` options) whose adapter and head are filled
+    with random values, as if trained, so that they take part in the logits; in eval mode."""
+    import torch
+
+    from lorafit import models
+    from lorafit.config import Config
+
+    cfg = Config.model_validate(
+        {"model": {"name": str(folder), "head": head}, "lora": {"target_modules": "all-linear", "r": 4, **lora}}
+    )
+    model = models.wrap(models.build_model(cfg, 4), cfg).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return model
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny models run fastest on one thread, and on a shared machine two busy-waiting threads can be 30x slower."""

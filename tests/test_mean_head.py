@@ -13,29 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN_SETTINGS, make_tiny_model
+from conftest import TINY_RUN_SETTINGS, adapted_model, make_tiny_model
 from lorafit import models
 from lorafit.cli import main as cli
-from lorafit.config import Config, load_config
+from lorafit.config import load_config
 from lorafit.fast.patches import first_token_last_layer
 from lorafit.training.recipe import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 TEXTS = ["Oil prices rise", "The long report on markets, elections and football, released on Tuesday.", "Hi"]
-
-
-def wrapped(folder, head: str) -> torch.nn.Module:
-    cfg = Config.model_validate(
-        {"model": {"name": str(folder), "head": head}, "lora": {"target_modules": "all-linear", "r": 4}}
-    )
-    model = models.wrap(models.build_model(cfg, 4), cfg).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter and head, so that they take part in the logits
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def tokenizer():
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_the_mean_leaves_padding_out(model_type, tmp_path, tokenizer):
-    model = wrapped(make_tiny_model(tmp_path, model_type), "mean")
+    model = adapted_model(make_tiny_model(tmp_path, model_type), "mean")
     with torch.no_grad():
         batched = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
         alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in TEXTS])
@@ -55,7 +42,7 @@ def test_the_mean_leaves_padding_out(model_type, tmp_path, tokenizer):
 
 
 def test_bert_pools_the_masked_mean_of_the_last_layer(tmp_path, tokenizer):
-    model = wrapped(make_tiny_model(tmp_path, "bert"), "mean")
+    model = adapted_model(make_tiny_model(tmp_path, "bert"), "mean")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     encoder = model.base_model.model.bert
     with torch.no_grad():
@@ -63,7 +50,7 @@ def test_bert_pools_the_masked_mean_of_the_last_layer(tmp_path, tokenizer):
     mask = batch["attention_mask"][..., None].float()
     expected = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(out.pooler_output, expected)
-    default = wrapped(make_tiny_model(tmp_path / "default", "bert"), "default")
+    default = adapted_model(make_tiny_model(tmp_path / "default", "bert"), "default")
     assert first_token_last_layer(default) and not first_token_last_layer(model)
 
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import adapted_model, make_tiny_model
 from lorafit import models
-from lorafit.config import Config
 from lorafit.fast.patches import (
     Packing,
     first_token_last_layer,
@@ -41,19 +40,6 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(models.builtin_model_dir())
 
 
-def wrapped(folder, head: str = "default", **lora) -> torch.nn.Module:
-    cfg = Config.model_validate(
-        {"model": {"name": str(folder), "head": head}, "lora": {"target_modules": "all-linear", "r": 4, **lora}}
-    )
-    model = models.wrap(models.build_model(cfg, 4), cfg).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter and head, so that they take part in the logits
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    return model
-
-
 def rows_seen(model: torch.nn.Module) -> list[int]:
     """Records how many rows each call of the first layer's query projection gets."""
     seen: list[int] = []
@@ -66,7 +52,7 @@ def rows_seen(model: torch.nn.Module) -> list[int]:
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_the_encoder_runs_on_real_tokens_and_gives_the_same_logits(model_type, head, tmp_path, tokenizer):
     folder = make_tiny_model(tmp_path, model_type)
-    padded, packed = wrapped(folder, head), wrapped(folder, head)
+    padded, packed = adapted_model(folder, head), adapted_model(folder, head)
     first_token_last_layer(padded), first_token_last_layer(packed)  # the fast path's last layer, where the head allows
     assert skip_padding(packed) and not hasattr(padded.base_model.model, "padded_forward")
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -85,7 +71,7 @@ def test_bf16_through_the_kernel_is_unchanged_by_skipping_padding(tmp_path, toke
     if kernels.attention_kernel() is None:
         pytest.skip("the attention kernel needs AVX-512 BF16 and a C compiler")
     folder = make_tiny_model(tmp_path, "bert", hidden=64)
-    padded, packed = wrapped(folder).to(torch.bfloat16), wrapped(folder).to(torch.bfloat16)
+    padded, packed = adapted_model(folder).to(torch.bfloat16), adapted_model(folder).to(torch.bfloat16)
     for m in (padded, packed):
         assert use_lorafit_attention(m, cheap_dropout=False, kernel=True) == "lorafit_kernel"
         first_token_last_layer(m)
@@ -96,7 +82,7 @@ def test_bf16_through_the_kernel_is_unchanged_by_skipping_padding(tmp_path, toke
 
 
 def test_training_and_batches_without_padding_keep_the_padded_path(tmp_path, tokenizer):
-    model = wrapped(make_tiny_model(tmp_path, "bert"))
+    model = adapted_model(make_tiny_model(tmp_path, "bert"))
     skip_padding(model)
     seen = rows_seen(model)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -110,7 +96,7 @@ def test_training_and_batches_without_padding_keep_the_padded_path(tmp_path, tok
 
 
 def test_distilbert_is_left_as_it_is(tmp_path):
-    assert not skip_padding(wrapped(make_tiny_model(tmp_path, "distilbert")))
+    assert not skip_padding(adapted_model(make_tiny_model(tmp_path, "distilbert")))
 
 
 def test_packing_maps_each_padded_position_to_a_real_token_of_its_own_text():
@@ -134,7 +120,7 @@ def test_packing_maps_each_padded_position_to_a_real_token_of_its_own_text():
 
 def test_lean_lora_gives_peft_s_logits_and_leaves_the_rest_to_peft(tmp_path, tokenizer):
     folder = make_tiny_model(tmp_path, "bert")
-    plain, lean = wrapped(folder), wrapped(folder)
+    plain, lean = adapted_model(folder), adapted_model(folder)
     n = lean_lora(lean)
     assert n == sum(1 for m in plain.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_A"))
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -147,7 +133,7 @@ def test_lean_lora_gives_peft_s_logits_and_leaves_the_rest_to_peft(tmp_path, tok
 
 
 def test_lean_lora_skips_dora(tmp_path):
-    model = wrapped(make_tiny_model(tmp_path, "bert"), use_dora=True)
+    model = adapted_model(make_tiny_model(tmp_path, "bert"), use_dora=True)
     use_fast_dora(model)
     assert lean_lora(model) == 0
 
