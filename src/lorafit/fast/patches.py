@@ -417,7 +417,7 @@ class Packing:
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor | None) -> Packing | None:
-        """The packing of a batch, or None where there is nothing to gain (no padding, or one text)."""
+        """The packing of a batch, or None where there is little to gain (one text, or mostly real tokens)."""
         if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
             return None
         keys = attention_mask[:, 0, 0, :]  # the first token is always real, so its row is the key mask
