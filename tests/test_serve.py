@@ -156,7 +156,8 @@ def predicted(run: Path, texts: list[str], tmp_path: Path) -> pd.DataFrame:
 def server(minilm_runs, tiny_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     args = [f"{name}={path}" for name, path in minilm_runs.items()] + [f"tiny={tiny_run}"]
-    s = Server([*args, "--max-texts", "64"], log).wait_ready()
+    # --no-merge: each run here is alone on its base (and precision), which by default would be served merged
+    s = Server([*args, "--max-texts", "64", "--no-merge"], log).wait_ready()
     yield s
     assert s.stop() == 0
 
@@ -204,7 +205,7 @@ def test_listing_names_base_labels_budget_and_metrics(server, served_runs):
     assert runs["news-fp32"]["base"] == MINILM_HUB_ID and runs["news-dora"]["base"] == MINILM_HUB_ID
     tiny_base = yaml.safe_load((served_runs["tiny"] / "config.yaml").read_text())["model"]["name"]
     assert runs["tiny"]["base"] == tiny_base  # a local folder: nothing better to name it by
-    assert all(r["base_shared"] for r in runs.values())
+    assert all(r["base_shared"] and not r["merged"] for r in runs.values())
 
 
 @pytest.mark.slow
@@ -514,7 +515,7 @@ def test_runs_on_one_base_share_its_weights_and_answer_as_alone(tiny_run, tiny_b
     data = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["source"])
     other = train(str(tiny_bert), data, tmp_path / "dora", "lora.use_dora=true", "lora.target_modules=all-linear")
     pissa = train(str(tiny_bert), data, tmp_path / "pissa", "lora.init=pissa")
-    a, b, c = load_runs([tiny_run, other, pissa])
+    a, b, c = load_runs([tiny_run, other, pissa], merge=False)
     shared = set(_frozen_pointers(a).items()) & set(_frozen_pointers(b).items())
     embeddings = {n for n, _ in shared if "word_embeddings" in n}
     assert embeddings and len(shared) > 10  # embeddings, layer norms, unadapted Linear weights: one copy
@@ -549,7 +550,26 @@ def test_merged_runs_answer_as_predict_and_share_what_the_merge_left(tiny_run, t
             served.predict_logits(served.encode(texts)), alone.predict_logits(alone.encode(texts))
         )
     listing = load_served([("tiny", tiny_run)], merge=True)["tiny"].listing()
-    assert listing["merged"] is True and listing["base_shared"] is True
+    assert listing["merged"] is True and listing["base_shared"] is False  # alone: nothing to share with
+
+
+def test_by_default_only_runs_alone_on_their_base_are_merged(tiny_run, tmp_path, one_thread):
+    """Merging costs nothing for a run alone on its base (its copy replaces layers nobody else reads): served
+    merged, it answers exactly as predict; two runs on one base stay unmerged and share it."""
+    import shutil
+
+    from lorafit.inference.loaded import load_run, load_runs
+
+    (alone,) = load_runs([tiny_run])
+    assert alone.merged and not alone.shares_base
+    texts = ["Stocks fell sharply on Monday", "The striker scored twice", "Oil."]
+    predicted_ = load_run(tiny_run, merge=True)
+    np.testing.assert_array_equal(
+        alone.predict_logits(alone.encode(texts)), predicted_.predict_logits(predicted_.encode(texts))
+    )
+    twin = shutil.copytree(tiny_run, tmp_path / "twin")
+    pair = load_runs([tiny_run, twin])
+    assert all(r.shares_base and not r.merged for r in pair)
 
 
 def test_benchmark_rewrites_only_its_section(tmp_path):

@@ -584,8 +584,9 @@ def add_serve(sub) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(
         "--merge",
-        action="store_true",
-        help="serve each run merged, as predict computes it (faster; each run then holds its own copy of the layers it adapts)",
+        action=argparse.BooleanOptionalAction,
+        help="serve every run merged, as predict computes it (faster; each run then holds its own copy of the layers "
+        "it adapts), or with --no-merge none; default: merge the runs alone on their base, where it costs nothing",
     )
     p.set_defaults(fn=cmd_serve)
 

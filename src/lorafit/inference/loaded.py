@@ -6,6 +6,7 @@ those trained on the same base model share one copy of its frozen weights, each 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,40 +101,55 @@ def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dty
 INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora")
 
 
-def load_runs(folders: Iterable[Path], precision: str | None = None, merge: bool = False) -> list[LoadedRun]:
+def load_runs(folders: Iterable[Path], precision: str | None = None, merge: bool | None = None) -> list[LoadedRun]:
     """Many runs for serving: runs on the same base model (and precision) share one copy of its frozen weights;
-    each adds its adapter and head. A run whose initialisation rewrites the base gets a base of its own.
+    each adds its adapter and head.
 
     Sharing is by tensor, not by module: each run has its own module tree (peft wraps the Linear modules in place,
     so two runs cannot share a module), whose frozen parameters are the same tensors as the other runs'. On a bf16
     CPU the frozen Linear weights are packed for oneDNN once per base and the packed layers shared too.
 
-    merge=True merges each run as `lorafit predict` does (the same logits, bit for bit) and then shares every
-    tensor the merge left as the base's (embeddings, layer norms, layers it does not adapt): each run holds its
-    own copy of the layers its adapter changes, which is what merging costs, and runs at the merged model's speed.
+    A merged run is merged as `lorafit predict` merges it (the same logits, bit for bit), and every tensor the
+    merge left as the base's (embeddings, layer norms, layers it does not adapt) is still shared: it holds its own
+    copy of the layers its adapter changes, and runs at the merged model's speed. merge=True merges every run,
+    merge=False none (a run whose initialisation rewrites the base then gets a base of its own); merge=None, the
+    default, merges the runs for which it costs nothing: a run alone on its base, and one whose initialisation
+    rewrites the base (PiSSA, OLoRA), which could not share the base's adapted layers anyway.
     """
     from peft import PeftModel
 
+    folders = [Path(f) for f in folders]
+    configs = [runs.read_run_config(f) for f in folders]
+    device = pick_device()
+
+    def base_of(cfg: Config) -> tuple[str, torch.dtype]:
+        return resolve(cfg.model.name)[0], resolve_precision(precision or cfg.train.precision, device)
+
+    on_base = Counter(base_of(cfg) for cfg in configs)
     bases: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
     tokenizers: dict[str, object] = {}  # identical tokenizer files -> one tokenizer (each holds its vocabulary)
     packed: dict[tuple[int, bool], torch.nn.Module] = {}  # (frozen weight's data pointer, GELU fused) -> PackedLinear
     loaded = []
-    for folder in folders:
-        folder = Path(folder)
-        cfg = runs.read_run_config(folder)
-        if not merge and cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE):
+    for folder, cfg in zip(folders, configs, strict=True):
+        key = base_of(cfg)
+        rewrites = cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE)
+        merged = (rewrites or on_base[key] == 1) if merge is None else merge
+        if merged and on_base[key] == 1:  # nothing to share with
+            run = load_run(folder, precision, merge=True)
+            run.merged = True
+            loaded.append(run)
+            continue
+        if rewrites and not merged:
             loaded.append(load_run(folder, precision))
             continue
         label_names = runs.read_labels(folder)
-        device = pick_device()
-        dtype = resolve_precision(precision or cfg.train.precision, device)
-        key = (resolve(cfg.model.name)[0], dtype)
+        dtype = key[1]
         if key not in bases:
             bases[key] = _frozen_tensors(build_model(cfg, len(label_names), label_names), device, dtype)
         files = _digest(folder / runs.TOKENIZER)
         if files not in tokenizers:
             tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
-        if merge:
+        if merged:
             model = _merged_sharing(folder, cfg, label_names, device, dtype, bases[key], packed)
             loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, True, True))
             continue

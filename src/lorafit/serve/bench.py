@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = predict_ceiling(run, texts)
 
         rows = {}
-        for label, flags in (("lorafit serve", ()), ("lorafit serve --merge", ("--merge",))):
+        for label, flags in (("lorafit serve", ("--no-merge",)), ("lorafit serve --merge", ("--merge",))):
             print(f"{label} ...", file=sys.stderr, flush=True)
             server = lorafit_server(served, work / "serve.log", *flags)
             try:
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in MEMORY_RUNS:
             print(f"memory with {n} runs ...", file=sys.stderr, flush=True)
             some = dict(list(copies.items())[:n])
-            server = lorafit_server(some, work / f"mem{n}.log")
+            server = lorafit_server(some, work / f"mem{n}.log", "--no-merge")  # one run alone would be merged
             try:
                 load(server.port, [f"/models/{k}" for k in some], texts, 4, MEMORY_REQUESTS)
                 memory[n] = rss_mb(server.proc.pid)

@@ -56,7 +56,7 @@ def serve(
     precision: str | None = None,
     threads: int | None = None,
     access_log: bool = False,
-    merge: bool = False,
+    merge: bool | None = None,
 ) -> None:
     import uvicorn
 
