@@ -272,20 +272,29 @@ def first_token_last_layer(model: nn.Module) -> bool:
     """Let the last encoder layer compute only the first token, for models whose classification head reads
     only that token (BERT, RoBERTa): about a sixth less work for a 6-layer model, a twelfth for 12 layers.
     Returns whether it applied; other architectures keep their full forward."""
-    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
-        return False
     if any(getattr(m, "reads_every_token", False) for m in model.modules()):  # model.head=mean
         return False
-    layers = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.ModuleList) and len(m) and all(hasattr(x, "feed_forward_chunk") for x in m)
-    ]
-    if len(layers) != 1 or not hasattr(layers[0][-1].attention, "self"):
+    encoder = _bert_encoder(model)
+    if encoder is None or not hasattr(encoder.layer[-1].attention, "self"):
         return False
-    last = layers[0][-1]
+    last = encoder.layer[-1]
     last.forward = _first_token_forward.__get__(last)
     return True
+
+
+def _bert_encoder(model: nn.Module) -> nn.Module | None:
+    """The encoder of a BERT/RoBERTa classifier (the one module whose `layer` list holds its layers), or None for
+    other architectures and decoders."""
+    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
+        return None
+    encoders = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer", None), nn.ModuleList)
+        and len(m.layer)
+        and all(hasattr(x, "feed_forward_chunk") for x in m.layer)
+    ]
+    return encoders[0] if len(encoders) == 1 else None
 
 
 class PackedLinear(nn.Module):
@@ -463,21 +472,16 @@ def skip_padding(model: nn.Module) -> bool:
     """Let a BERT/RoBERTa encoder run on the real tokens of each inference batch only (see Packing); returns whether
     it applied. Needs the model's attention to be lorafit_attention (which pads back per text): an SDPA model is
     switched to the plain variant, the same computation. Gradient-enabled calls (training) keep the padded path."""
-    if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
+    encoder = _bert_encoder(model)
+    if encoder is None:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    encoders = [
-        m for m in base.modules() if isinstance(getattr(m, "layer", None), nn.ModuleList) and hasattr(m, "config")
-    ]
-    if len(encoders) != 1 or not all(hasattr(x, "feed_forward_chunk") for x in encoders[0].layer):
-        return False
     implementation = base.config._attn_implementation
     if implementation not in ATTENTIONS and implementation != PLAIN_ATTENTION:
         if implementation != "sdpa":
             return False
         register_attention()
         base.set_attn_implementation(PLAIN_ATTENTION)
-    encoder = encoders[0]
     if not hasattr(encoder, "padded_forward"):
         encoder.padded_forward = encoder.forward
         encoder.forward = _packed_encoder_forward.__get__(encoder)

@@ -60,26 +60,33 @@ def load_run(folder: Path, precision: str | None = None, merge: bool = False) ->
     exactly the base model's matmuls, and on a bf16 CPU the linear weights are packed for oneDNN
     (`speed.pack_weights`); such a model is for inference only. Logits match the unmerged model up to float rounding.
     """
-    from peft import PeftModel
-
     folder = Path(folder)
     cfg = runs.read_run_config(folder)
     label_names = runs.read_labels(folder)
     device = pick_device()
     dtype = resolve_precision(precision or cfg.train.precision, device)
-    with quiet_peft_warnings():
-        base = build_model(cfg, len(label_names), label_names)
-        model = PeftModel.from_pretrained(base, str(folder / runs.ADAPTER))
-        if merge:
-            model = model.merge_and_unload()
-            model.requires_grad_(False)
-    for_inference(model, cfg, device, dtype)
+    model = _adapted(folder, cfg, label_names, device, dtype, merge)
     if merge and cfg.speed.pack_weights:
         pack_linear_layers(model)  # after merging: the packed weights are final
     if not merge and cfg.speed.lean_lora:
         lean_lora(model)
     tokenizer = load_tokenizer(str(folder / runs.TOKENIZER))
     return LoadedRun(folder, cfg, label_names, model, tokenizer, device, dtype)
+
+
+def _adapted(
+    folder: Path, cfg: Config, label_names: list[str], device: torch.device, dtype: torch.dtype, merge: bool
+) -> torch.nn.Module:
+    """The run's adapter and head on a freshly loaded base (merged into it where asked, in fp32), for inference."""
+    from peft import PeftModel
+
+    with quiet_peft_warnings():
+        model = PeftModel.from_pretrained(build_model(cfg, len(label_names), label_names), str(folder / runs.ADAPTER))
+        if merge:
+            model = model.merge_and_unload()
+            model.requires_grad_(False)
+    for_inference(model, cfg, device, dtype)
+    return model
 
 
 def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
@@ -181,22 +188,13 @@ def _merged_sharing(
 ) -> torch.nn.Module:
     """A run merged exactly as load_run(merge=True) merges it, whose tensors that the merge left equal to the
     shared base's are then replaced by the base's own (before packing, so the packed layers are shared too)."""
-    from peft import PeftModel
+    model = _adapted(folder, cfg, label_names, device, dtype, merge=True)
 
-    with quiet_peft_warnings():
-        model = PeftModel.from_pretrained(build_model(cfg, len(label_names), label_names), str(folder / runs.ADAPTER))
-        model = model.merge_and_unload()
-        model.requires_grad_(False)
-    for_inference(model, cfg, device, dtype)
-    for module_name, module in model.named_modules():
-        prefix = module_name + "." if module_name else ""
-        for store in (module._parameters, module._buffers):
-            for attr, own in list(store.items()):
-                shared = base.get(prefix + attr)
-                if own is not None and shared is not None and own.dtype == shared.dtype and torch.equal(own, shared):
-                    store[attr] = (
-                        torch.nn.Parameter(shared, requires_grad=False) if store is module._parameters else shared
-                    )
+    def unchanged(name: str, own: torch.Tensor) -> torch.Tensor | None:
+        shared = base.get(name)
+        return shared if shared is not None and own.dtype == shared.dtype and torch.equal(own, shared) else None
+
+    _replace_tensors(model, unchanged)
     if cfg.speed.pack_weights:
         pack_linear_layers(model, shared=packed, shareable={t.data_ptr() for t in base.values()})
     release_free_memory()  # the fp32 copy the run was merged in
@@ -240,13 +238,25 @@ def _frozen_tensors(model: torch.nn.Module, device: torch.device, dtype: torch.d
 def _use_tensors(skeleton: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Point a meta-device skeleton's parameters and buffers at the shared tensors of the same name and shape;
     what is left (the head, which each run's adapter brings) gets zeros of its own."""
-    for module_name, module in skeleton.named_modules():
+
+    def shared_or_zeros(name: str, current: torch.Tensor) -> torch.Tensor:
+        shared = tensors.get(name)
+        return (
+            shared
+            if shared is not None and shared.shape == current.shape
+            else torch.zeros(current.shape, dtype=current.dtype)
+        )
+
+    _replace_tensors(skeleton, shared_or_zeros)
+
+
+def _replace_tensors(model: torch.nn.Module, choose) -> None:
+    """Replace each parameter and buffer (by its full name and current tensor) with `choose(name, tensor)`, where
+    that is not None; parameters stay frozen parameters."""
+    for module_name, module in model.named_modules():
         prefix = module_name + "." if module_name else ""
         for store in (module._parameters, module._buffers):
             for attr, current in list(store.items()):
-                if current is None:
+                if current is None or (new := choose(prefix + attr, current)) is None:
                     continue
-                shared = tensors.get(prefix + attr)
-                if shared is None or shared.shape != current.shape:
-                    shared = torch.zeros(current.shape, dtype=current.dtype)
-                store[attr] = torch.nn.Parameter(shared, requires_grad=False) if store is module._parameters else shared
+                store[attr] = torch.nn.Parameter(new, requires_grad=False) if store is module._parameters else new

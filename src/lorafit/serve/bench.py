@@ -292,33 +292,26 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             pipes.stop()
 
-        memory = {}
+        def rss_after_requests(child: Child, served_names: list[str]) -> float:
+            try:
+                load(child.port, [f"/models/{k}" for k in served_names], texts, 4, MEMORY_REQUESTS)
+                return rss_mb(child.proc.pid)
+            finally:
+                child.stop()
+
+        memory, merged_memory, pipe_memory = {}, {}, {}
         for n in MEMORY_RUNS:
             print(f"memory with {n} runs ...", file=sys.stderr, flush=True)
             some = dict(list(copies.items())[:n])
-            server = lorafit_server(some, work / f"mem{n}.log", "--no-merge")  # one run alone would be merged
-            try:
-                load(server.port, [f"/models/{k}" for k in some], texts, 4, MEMORY_REQUESTS)
-                memory[n] = rss_mb(server.proc.pid)
-            finally:
-                server.stop()
-        merged_memory = {}
+            # --no-merge: one run alone would be merged
+            memory[n] = rss_after_requests(lorafit_server(some, work / f"mem{n}.log", "--no-merge"), list(some))
         for n in (1, 10):
             some = dict(list(copies.items())[:n])
-            server = lorafit_server(some, work / f"mem-merged{n}.log", "--merge")
-            try:
-                load(server.port, [f"/models/{k}" for k in some], texts, 4, MEMORY_REQUESTS)
-                merged_memory[n] = rss_mb(server.proc.pid)
-            finally:
-                server.stop()
-        pipe_memory = {}
-        for n in (1, 10):
-            pipes = pipeline_server({k: merged for k in names[:n]}, dtype, work / f"pipemem{n}.log")
-            try:
-                load(pipes.port, [f"/models/{k}" for k in names[:n]], texts, 4, MEMORY_REQUESTS)
-                pipe_memory[n] = rss_mb(pipes.proc.pid)
-            finally:
-                pipes.stop()
+            merged_memory[n] = rss_after_requests(
+                lorafit_server(some, work / f"mem-merged{n}.log", "--merge"), list(some)
+            )
+            pipes = pipeline_server(dict.fromkeys(some, merged), dtype, work / f"pipemem{n}.log")
+            pipe_memory[n] = rss_after_requests(pipes, list(some))
         report = render(rows, memory, merged_memory, pipe_memory, cfg, dtype, a.requests)
         write_between_markers(a.out, report)
         print(report)

@@ -99,7 +99,7 @@ def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def load_served(
-    pairs: list[tuple[str, Path]], precision: str | None = None, merge: bool = False
+    pairs: list[tuple[str, Path]], precision: str | None = None, merge: bool | None = None
 ) -> dict[str, ServedRun]:
     loaded = load_runs([folder for _, folder in pairs], precision, merge)
     return {name: ServedRun(name, Classifier(run)) for (name, _), run in zip(pairs, loaded, strict=True)}
