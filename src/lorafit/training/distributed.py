@@ -161,7 +161,7 @@ class Dist:
                     f"(another one exited or hangs; {TIMEOUT_ENV} sets the timeout)"
                 ) from None
             raise
-        self.out = Path(self.peers[0][2])
+        self.out = Path(self.peers[0][2]) if self.peers[0][2] != "None" else None
         return self
 
     def agree(self, error: LorafitError | None) -> None:
@@ -361,14 +361,17 @@ class Dist:
             launch = "torchrun <the same --nnodes/--nproc_per_node/--rdzv options>"
         return f"{launch} -m lorafit train --resume {out}"
 
-    def stopped_message(self, out, resumable: bool) -> str:
+    def stopped_message(self, out=None, resume: bool = False) -> str:
+        """One line for a stop caused by another process; it says how to continue when the run folder has a checkpoint."""
         exited = self.exited_ranks() if self.peers else []
         who = (
             f"another process of this run exited (rank {', '.join(map(str, exited))})"
             if exited
             else "another process of this run exited or the launcher stopped this one"
         )
-        if resumable:
+        out = self.out or (Path(out) if out is not None else None)  # rank 0's folder: every process names the same one
+        ck = out / CHECKPOINTS if out is not None else None
+        if resume or (ck is not None and ck.is_dir() and any(p.suffix == ".pt" for p in ck.iterdir())):
             return f"training stopped: {who}; the run is kept: continue it with `{self.resume_command(out)}`"
         return f"training stopped: {who}; no checkpoint had been written, so start the run again"
 
@@ -385,10 +388,10 @@ class Dist:
         except (Stopped, Exception) as e:
             if not isinstance(e, Stopped) and not is_comm_error(e):
                 raise
-            out = self.out or Path(out)
-            ck = Path(out) / CHECKPOINTS
-            resumable = resume or (ck.is_dir() and any(p.suffix == ".pt" for p in ck.iterdir()))
-            raise PeerFailure(self.stopped_message(out, resumable)) from None
+            # The launcher's SIGTERM often follows a failed collective within milliseconds: while this process says
+            # why it stops, a second Stopped must not replace that line.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise PeerFailure(self.stopped_message(out, resume)) from None
 
 
 _current = Dist()
