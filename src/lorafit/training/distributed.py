@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LorafitError
-from ..runs import CHECKPOINTS
 
 TIMEOUT_ENV = "LORAFIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 180.0
@@ -152,7 +151,7 @@ class Dist:
                     **({"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}),
                 )
             self.started = True
-            me = (socket.gethostname(), os.getpid(), str(out))
+            me = (socket.gethostname(), os.getpid(), None if out is None else str(out))
             self.peers = self.all_gather_object(me)
         except Exception as e:
             if is_comm_error(e):
@@ -161,7 +160,7 @@ class Dist:
                     f"(another one exited or hangs; {TIMEOUT_ENV} sets the timeout)"
                 ) from None
             raise
-        self.out = Path(self.peers[0][2]) if self.peers[0][2] != "None" else None
+        self.out = Path(self.peers[0][2]) if self.peers[0][2] is not None else None
         return self
 
     def agree(self, error: LorafitError | None) -> None:
@@ -369,9 +368,10 @@ class Dist:
             if exited
             else "another process of this run exited or the launcher stopped this one"
         )
+        from .checkpoint import Checkpoints  # imports torch, which this module loads only once a group starts
+
         out = self.out or (Path(out) if out is not None else None)  # rank 0's folder: every process names the same one
-        ck = out / CHECKPOINTS if out is not None else None
-        if resume or (ck is not None and ck.is_dir() and any(p.suffix == ".pt" for p in ck.iterdir())):
+        if resume or (out is not None and Checkpoints(out, None, 0).latest_step() is not None):
             return f"training stopped: {who}; the run is kept: continue it with `{self.resume_command(out)}`"
         return f"training stopped: {who}; no checkpoint had been written, so start the run again"
 
