@@ -51,6 +51,7 @@ def test_an_old_run_reads_into_the_new_sections(legacy):
     cfg = read_run_config(Path("legacy-complete"))
     assert (cfg.eval.every, cfg.eval.batch_size, cfg.checkpoint.every, cfg.speed.num_threads) == (4, 32, 4, 1)
     assert cfg.eval.early_stopping.metric == "val_loss" and cfg.speed.pad_to_multiple_of == 8
+    assert cfg.train.cache_frozen_layers is False  # written before the cache: its frozen layers kept their dropout
 
 
 def test_an_old_run_evaluates_predicts_and_reports(legacy, capsys):

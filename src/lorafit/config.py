@@ -306,6 +306,10 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the optimizer steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    cache_frozen_layers: bool = Field(
+        True,
+        description="With adapters on the upper layers only (lora.layers_to_transform), run the frozen layers below them without dropout, once per training text, and keep their outputs in memory for later epochs (BERT/RoBERTa); false keeps their dropout and runs them every step.",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns clipping off.")
     seed: int = Field(42, description="Seed for the split, the initialisation and the data order.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -653,6 +657,8 @@ def migrate_saved(data: dict) -> dict:
         data.setdefault("speed", {})["pad_to_multiple_of"] = (
             1  # saved before the key existed: padded to the longest text
         )
+    if isinstance(data.get("train"), dict) and "cache_frozen_layers" not in data["train"]:
+        data["train"]["cache_frozen_layers"] = False  # saved before the key existed: frozen layers kept their dropout
     return data
 
 

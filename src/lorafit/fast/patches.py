@@ -274,7 +274,7 @@ def first_token_last_layer(model: nn.Module) -> bool:
     Returns whether it applied; other architectures keep their full forward."""
     if any(getattr(m, "reads_every_token", False) for m in model.modules()):  # model.head=mean
         return False
-    encoder = _bert_encoder(model)
+    encoder = bert_encoder(model)
     if encoder is None or not hasattr(encoder.layer[-1].attention, "self"):
         return False
     last = encoder.layer[-1]
@@ -282,7 +282,7 @@ def first_token_last_layer(model: nn.Module) -> bool:
     return True
 
 
-def _bert_encoder(model: nn.Module) -> nn.Module | None:
+def bert_encoder(model: nn.Module) -> nn.Module | None:
     """The encoder of a BERT/RoBERTa classifier (the one module whose `layer` list holds its layers), or None for
     other architectures and decoders."""
     if getattr(model.config, "model_type", None) not in FIRST_TOKEN_HEADS or model.config.is_decoder:
@@ -472,7 +472,7 @@ def skip_padding(model: nn.Module) -> bool:
     """Let a BERT/RoBERTa encoder run on the real tokens of each inference batch only (see Packing); returns whether
     it applied. Needs the model's attention to be lorafit_attention (which pads back per text): an SDPA model is
     switched to the plain variant, the same computation. Gradient-enabled calls (training) keep the padded path."""
-    encoder = _bert_encoder(model)
+    encoder = bert_encoder(model)
     if encoder is None:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

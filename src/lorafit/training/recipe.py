@@ -32,6 +32,7 @@ from ..report.run_report import write_run_report
 from ..schedule import Schedule, make_optimizer
 from . import distributed
 from .checkpoint import Checkpoints, Result, TrainingState, pack, restore, rng_state, set_rng_state
+from .frozen_prefix import FrozenPrefix, cache_frozen_layers
 from .methods import method_steps
 
 TRIM_EVERY = 16  # optimizer steps between returns of freed heap memory to the OS (CPU)
@@ -54,6 +55,7 @@ class Setup:
     train_enc: Encoded
     val_enc: Encoded
     test_enc: Encoded | None
+    frozen_prefix: FrozenPrefix | None = None  # the kept outputs of the frozen lower layers (cache_frozen_layers)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's place in a multi-process run
 
 
@@ -129,6 +131,13 @@ def setup(cfg: Config) -> Setup:
         eva_init(model, cfg, train_enc, tokenizer.pad_token_id, device)
     store_frozen_in(model, dtype)
     fast = patches.apply(model, cfg.speed)
+    prefix, said = (
+        cache_frozen_layers(model, train_enc.lengths, device, dtype) if cfg.train.cache_frozen_layers else (None, None)
+    )
+    if said and prefix is None:
+        log(said)
+    elif said:
+        fast.append(said)
     log(
         f"data: {len(train_enc)} train / {len(val_enc)} val"
         + (f" / {len(test_enc)} test" if test_enc else "")
@@ -136,7 +145,7 @@ def setup(cfg: Config) -> Setup:
         f"{torch.get_num_threads()} threads; {counted:,} trainable parameters"
         + (f"; {', '.join(fast)}" if fast else "")
     )
-    return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc)
+    return Setup(cfg, data, b, tokenizer, model, device, dtype, train_enc, val_enc, test_enc, prefix)
 
 
 def eva_init(model: torch.nn.Module, cfg: Config, train_enc: Encoded, pad_id: int, device: torch.device) -> None:
@@ -209,7 +218,8 @@ def _numerical_fault(
 def _batch_loss(s: Setup, index) -> torch.Tensor:
     batch = collate(s.train_enc, index, s.tokenizer.pad_token_id, s.device, s.cfg.speed.pad_to_multiple_of)
     labels = torch.from_numpy(s.train_enc.labels[index]).to(s.device)
-    with autocast(s.device, s.dtype):
+    cached = s.frozen_prefix.batch(index) if s.frozen_prefix is not None else contextlib.nullcontext()
+    with autocast(s.device, s.dtype), cached:
         logits = s.model(**batch).logits
     return F.cross_entropy(logits.float(), labels, label_smoothing=s.cfg.train.label_smoothing)
 
