@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import TINY_SETTINGS
@@ -105,3 +106,20 @@ def test_a_run_with_cached_layers_trains_and_says_so(tiny_bert, small_csv, tmp_p
     assert "frozen layers 0-0 cached without dropout" in capsys.readouterr().out
     losses = [h["train_loss"] for h in res.history]
     assert len(losses) == 3 and losses[-1] < losses[0]  # later epochs, read from the cache, still learn
+
+
+def test_a_cached_run_interrupted_in_its_second_epoch_resumes_exactly(tiny_bert, small_csv, tmp_path, monkeypatch):
+    """The resumed run's empty cache is filled again as the first epoch filled it, so it ends bit for bit where the
+    run left alone ends (12 steps per epoch: the crash at step 18 falls after the step-16 checkpoint)."""
+    from lorafit.training.recipe import run
+    from test_resume import Crash, assert_same_run, crash_at
+    from test_train import tiny_cfg
+
+    monkeypatch.setattr("lorafit.training.recipe.write_run_report", lambda folder: None)
+    settings = ["lora.layers_to_transform=[1]", "train.max_steps=30", "eval.every=3", "checkpoint.every=4"]
+    cfg = tiny_cfg(tiny_bert, small_csv, *settings, "lora.dropout=0.3", "eval.early_stopping.patience=0")
+    run(cfg, tmp_path / "ref")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "run", on_eval=crash_at(18))
+    run(cfg, tmp_path / "run", resume=True)
+    assert_same_run(tmp_path / "ref", tmp_path / "run")

@@ -9,6 +9,10 @@ the adapted layers' forward and backward passes.
 
 This is a recipe choice, not a pure speed switch: dropout in the frozen layers is gone. Evaluation and prediction
 have none anyway, so training now sees those layers exactly as evaluation does.
+
+A resumed run starts with an empty cache and fills it as it goes, computing each text's frozen layers in the batch
+it now meets the text in; on the CPU that gives the same values as the first epoch's batch did, and the run resumes
+bit for bit (tests/test_frozen_prefix.py).
 """
 
 from __future__ import annotations
