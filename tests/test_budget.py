@@ -186,6 +186,19 @@ def test_layers_to_transform_adapts_only_those_layers(model_type):
     per_layer = 4 if model_type == "distilbert" else 6  # BERT's 'dense' is in attention.output, intermediate and output
     assert len(matched) == 2 * per_layer
     assert all(".2." in n or ".3." in n for n in matched)
+    # counted from the top: the same layers of a LAYERS-deep model, whatever its depth
+    top = dict(VARIANTS["layers_to_transform-qkvd"], layers_to_transform=[2 - LAYERS, 3 - LAYERS])
+    assert (
+        models.matched_modules(tiny_classifier(model_type, 4), make_config(model_type, "default", top)).keys()
+        == matched.keys()
+    )
+
+
+def test_a_layer_the_model_does_not_have_is_refused_by_number():
+    for wanted in ([LAYERS], [-LAYERS - 1]):
+        cfg = make_config("bert", "default", dict(VARIANTS["layers_to_transform-qkvd"], layers_to_transform=wanted))
+        with pytest.raises(LorafitError, match=rf"bert has {LAYERS} layers \(0 to {LAYERS - 1}, or -{LAYERS} to -1"):
+            models.matched_modules(tiny_classifier("bert", 4), cfg)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])

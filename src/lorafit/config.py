@@ -109,7 +109,8 @@ class LoraConfig(Section):
     )
     alpha_pattern: dict[str, float] = Field({}, description="Per-module alpha overrides, regex -> alpha.")
     layers_to_transform: list[int] | None = Field(
-        None, description="Adapt only these layer indices (needs target_modules as a list)."
+        None,
+        description="Adapt only these layer indices (needs target_modules as a list); negative ones count from the top (-1: the last layer).",
     )
     loraplus_lr_ratio: float | None = Field(
         None,

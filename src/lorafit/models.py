@@ -318,7 +318,7 @@ def peft_config(lora: LoraSection, model: nn.Module | None = None):
         init_lora_weights=init,
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
-        layers_to_transform=lora.layers_to_transform,
+        layers_to_transform=_layer_indices(model, lora.layers_to_transform),
         layers_pattern=layers_pattern(model) if (model is not None and lora.layers_to_transform is not None) else None,
         exclude_modules=_head_pattern(model) if model is not None else None,
     )
@@ -352,6 +352,23 @@ def layers_pattern(model: nn.Module) -> str | None:
         if m:
             return m.group(1)
     return None
+
+
+def _layer_indices(model: nn.Module | None, wanted: list[int] | None) -> list[int] | None:
+    """lora.layers_to_transform with negative indices counted from the top, as Python counts them ([-1]: the last
+    layer), so one config adapts the upper layers of a base of any depth."""
+    if wanted is None or model is None:
+        return wanted
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers", None)
+    if n is None:
+        return wanted
+    outside = [i for i in wanted if not -n <= i < n]
+    if outside:
+        raise LorafitError(
+            f"lora.layers_to_transform {wanted}: {model.config.model_type} has {n} layers (0 to {n - 1}, or {-n} "
+            f"to -1 counted from the top); {outside} is not one of them"
+        )
+    return sorted({i % n for i in wanted})
 
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
