@@ -108,13 +108,14 @@ def for_inference(model: torch.nn.Module, cfg: Config, device: torch.device, dty
 INITS_THAT_CHANGE_THE_BASE = ("pissa", "olora")
 
 
-def load_runs(folders: Iterable[Path], precision: str | None = None, merge: bool | None = None) -> list[LoadedRun]:
+def load_runs(
+    folders: Iterable[Path],
+    precision: str | None = None,
+    merge: bool | None = None,
+    loader: SharedBases | None = None,
+) -> list[LoadedRun]:
     """Many runs for serving: runs on the same base model (and precision) share one copy of its frozen weights;
-    each adds its adapter and head.
-
-    Sharing is by tensor, not by module: each run has its own module tree (peft wraps the Linear modules in place,
-    so two runs cannot share a module), whose frozen parameters are the same tensors as the other runs'. On a bf16
-    CPU the frozen Linear weights are packed for oneDNN once per base and the packed layers shared too.
+    each adds its adapter and head (see SharedBases).
 
     A merged run is merged as `lorafit predict` merges it (the same logits, bit for bit), and every tensor the
     merge left as the base's (embeddings, layer norms, layers it does not adapt) is still shared: it holds its own
@@ -122,59 +123,94 @@ def load_runs(folders: Iterable[Path], precision: str | None = None, merge: bool
     merge=False none (a run whose initialisation rewrites the base then gets a base of its own); merge=None, the
     default, merges the runs for which it costs nothing: a run alone on its base, and one whose initialisation
     rewrites the base (PiSSA, OLoRA), which could not share the base's adapted layers anyway.
-    """
-    from peft import PeftModel
 
+    `loader`, where given, is the SharedBases to load on (a server keeps it, to merge more runs later).
+    """
     folders = [Path(f) for f in folders]
     configs = [runs.read_run_config(f) for f in folders]
-    device = pick_device()
-
-    def base_of(cfg: Config) -> tuple[str, torch.dtype]:
-        return resolve(cfg.model.name)[0], resolve_precision(precision or cfg.train.precision, device)
-
-    on_base = Counter(base_of(cfg) for cfg in configs)
-    bases: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
-    tokenizers: dict[str, object] = {}  # identical tokenizer files -> one tokenizer (each holds its vocabulary)
-    packed: dict[tuple[int, bool], torch.nn.Module] = {}  # (frozen weight's data pointer, GELU fused) -> PackedLinear
+    loader = loader or SharedBases(precision)
+    on_base = Counter(loader.key(cfg) for cfg in configs)
     loaded = []
     for folder, cfg in zip(folders, configs, strict=True):
-        key = base_of(cfg)
-        rewrites = cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE)
-        merged = (rewrites or on_base[key] == 1) if merge is None else merge
-        if merged and on_base[key] == 1:  # nothing to share with
+        rewrites = rewrites_base(cfg)
+        merged = (rewrites or on_base[loader.key(cfg)] == 1) if merge is None else merge
+        if merged and on_base[loader.key(cfg)] == 1:  # nothing to share with
             run = load_run(folder, precision, merge=True)
             run.merged = True
             loaded.append(run)
-            continue
-        if rewrites and not merged:
+        elif rewrites and not merged:
             loaded.append(load_run(folder, precision))
-            continue
+        else:
+            loaded.append(loader.load(folder, cfg, merged))
+    release_free_memory()  # the fp32 copies the bases were loaded as
+    return loaded
+
+
+def rewrites_base(cfg: Config) -> bool:
+    """Whether the run's initialisation rewrote the base weights it adapts (its residual base is its own)."""
+    return cfg.method == "lora" and cfg.lora.init.startswith(INITS_THAT_CHANGE_THE_BASE)
+
+
+class SharedBases:
+    """Loads runs so that runs on the same base model (and precision) share one copy of its frozen weights.
+
+    Sharing is by tensor, not by module: each run has its own module tree (peft wraps Linear modules in place, so
+    two runs cannot share a module), whose frozen parameters are the same tensors as the other runs'. On a bf16
+    CPU the frozen Linear weights are packed for oneDNN once per base and the packed layers shared too; runs with
+    identical tokenizer files share one tokenizer (each holds its vocabulary).
+    """
+
+    def __init__(self, precision: str | None = None):
+        self.precision = precision
+        self.device = pick_device()
+        self._bases: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+        self._tokenizers: dict[str, object] = {}
+        self._packed: dict[tuple[int, bool], torch.nn.Module] = {}  # (weight's data pointer, GELU fused) -> layer
+
+    def key(self, cfg: Config) -> tuple[str, torch.dtype]:
+        """What runs must have in common to share a base: the base model and the precision they run in."""
+        return resolve(cfg.model.name)[0], resolve_precision(self.precision or cfg.train.precision, self.device)
+
+    def load(self, folder: Path, cfg: Config, merged: bool) -> LoadedRun:
+        """The run on its shared base: unmerged (its adapter and head on the shared frozen tensors), or merged as
+        predict merges it, holding its own copy of the layers its adapter changes and sharing the rest."""
+        from peft import PeftModel
+
         label_names = runs.read_labels(folder)
+        key = self.key(cfg)
         dtype = key[1]
-        if key not in bases:
-            bases[key] = _frozen_tensors(build_model(cfg, len(label_names), label_names), device, dtype)
+        if key not in self._bases:
+            self._bases[key] = _frozen_tensors(build_model(cfg, len(label_names), label_names), self.device, dtype)
+        base = self._bases[key]
         files = _digest(folder / runs.TOKENIZER)
-        if files not in tokenizers:
-            tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
+        if files not in self._tokenizers:
+            self._tokenizers[files] = load_tokenizer(str(folder / runs.TOKENIZER))
+        tokenizer = self._tokenizers[files]
         if merged:
-            model = _merged_sharing(folder, cfg, label_names, device, dtype, bases[key], packed)
-            loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, True, True))
-            continue
+            model = _merged_sharing(folder, cfg, label_names, self.device, dtype, base, self._packed)
+            return LoadedRun(folder, cfg, label_names, model, tokenizer, self.device, dtype, True, True)
         with quiet_peft_warnings():
             skeleton = build_model(cfg, len(label_names), label_names, weights=False)
-            _use_tensors(skeleton, bases[key])
+            _use_tensors(skeleton, base)
             model = PeftModel.from_pretrained(skeleton, str(folder / runs.ADAPTER))
-        for_inference(model, cfg, device, dtype)  # the shared tensors already are in dtype: no copy is made
+        for_inference(model, cfg, self.device, dtype)  # the shared tensors already are in dtype: no copy is made
         adapters_in(model, dtype)
         if cfg.speed.lean_lora:
             lean_lora(model)  # after adapters_in: it keeps views of A and B in their final dtype
         if cfg.speed.fast_dora:
             use_fast_dora(model)
         if cfg.speed.pack_weights:
-            pack_linear_layers(model, shared=packed)
-        loaded.append(LoadedRun(folder, cfg, label_names, model, tokenizers[files], device, dtype, shares_base=True))
-    release_free_memory()  # the fp32 copies the bases were loaded as
-    return loaded
+            pack_linear_layers(model, shared=self._packed)
+        return LoadedRun(folder, cfg, label_names, model, tokenizer, self.device, dtype, shares_base=True)
+
+
+def merged_copy_bytes(run: LoadedRun) -> int:
+    """What merging an unmerged run on a shared base would add: its own copy of every layer its adapter changes
+    (the rest of a merged run is still the base's)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [m.get_base_layer() for m in run.model.modules() if isinstance(m, BaseTunerLayer)]
+    return sum(t.numel() * t.element_size() for layer in adapted for t in [*layer.parameters(), *layer.buffers()])
 
 
 def _merged_sharing(
@@ -190,11 +226,15 @@ def _merged_sharing(
     shared base's are then replaced by the base's own (before packing, so the packed layers are shared too)."""
     model = _adapted(folder, cfg, label_names, device, dtype, merge=True)
 
-    def unchanged(name: str, own: torch.Tensor) -> torch.Tensor | None:
+    def shared_or_own(name: str, own: torch.Tensor) -> torch.Tensor:
         shared = base.get(name)
-        return shared if shared is not None and own.dtype == shared.dtype and torch.equal(own, shared) else None
+        if shared is not None and own.dtype == shared.dtype and torch.equal(own, shared):
+            return shared
+        # a copy of its own: a tensor loaded as a view into the checkpoint file would keep the whole file mapped,
+        # and the pages read while merging resident (a copy then cost the base's size again)
+        return own.clone()
 
-    _replace_tensors(model, unchanged)
+    _replace_tensors(model, shared_or_own)
     if cfg.speed.pack_weights:
         pack_linear_layers(model, shared=packed, shareable={t.data_ptr() for t in base.values()})
     release_free_memory()  # the fp32 copy the run was merged in
