@@ -572,6 +572,82 @@ def test_by_default_only_runs_alone_on_their_base_are_merged(tiny_run, tmp_path,
     assert all(r.shares_base and not r.merged for r in pair)
 
 
+def test_busy_runs_get_merged_copies_within_the_budget(tiny_run, tmp_path, one_thread):
+    """serve.merging: a run that gets busy gets a merged copy (predict's exact logits) while the copies fit the
+    budget; a busy run never takes another's copy; an idle copy is dropped and makes room for the next busy run."""
+    from lorafit.inference.loaded import SharedBases, load_run, merged_copy_bytes
+    from lorafit.serve.merging import MergedCopies
+    from lorafit.serve.registry import load_served
+
+    twin = shutil.copytree(tiny_run, tmp_path / "twin")
+    loader = SharedBases()
+    served = load_served([("a", tiny_run), ("b", twin)], loader=loader)
+    a, b = served["a"], served["b"]
+    size = merged_copy_bytes(a.loaded)
+    assert size > 0 and a.loaded.shares_base and not a.loaded.merged
+    copies = MergedCopies(loader, budget_bytes=size, idle_seconds=3600, hot_texts=8, window=3600)
+    texts = ["Stocks fell sharply on Monday", "The striker scored twice", "Oil."]
+
+    copies.note(a, 4)
+    copies.wait(60)
+    assert a.merged_copy is None  # not busy yet
+    copies.note(a, 4)
+    copies.wait(60)
+    assert a.merged_copy is not None and a.run.merged and a.listing()["merged"] is True
+    predicted_ = load_run(tiny_run, merge=True)
+    np.testing.assert_array_equal(
+        a.run.predict_logits(a.run.encode(texts)), predicted_.predict_logits(predicted_.encode(texts))
+    )
+    assert copies.used_bytes == size
+
+    copies.note(b, 8)
+    copies.wait(60)
+    assert b.merged_copy is None and a.merged_copy is not None  # no room, and a busy run keeps its copy
+
+    copies.idle_seconds = 0.0  # a's copy has now idled long enough
+    time.sleep(0.01)
+    copies.note(b, 1)
+    copies.wait(60)
+    assert a.merged_copy is None and not a.run.merged
+    assert b.merged_copy is not None and copies.used_bytes == size
+    np.testing.assert_array_equal(
+        b.run.predict_logits(b.run.encode(texts)), predicted_.predict_logits(predicted_.encode(texts))
+    )
+
+    none = MergedCopies(loader, budget_bytes=size - 1, hot_texts=1)
+    none.note(a, 100)
+    none.wait(60)
+    assert a.merged_copy is None  # its copy would not fit
+
+
+def test_a_busy_run_answers_from_its_merged_copy_over_http(tiny_run, tmp_path):
+    """The default server: two runs on one base start unmerged; once one has been busy it answers from a merged
+    copy, which the listing says, with exactly predict's scores."""
+    twin = shutil.copytree(tiny_run, tmp_path / "twin")
+    server = Server([f"a={tiny_run}", f"b={twin}"], tmp_path / "serve.log").wait_ready()
+    try:
+        listing = {r["name"]: r for r in request(server.url + "/v1/runs")[2]["runs"]}
+        assert not listing["a"]["merged"] and not listing["b"]["merged"]
+        texts = [f"Stocks fell sharply on day {i}" for i in range(64)]  # serve.merging.HOT_TEXTS
+        assert request(server.url + "/v1/classify", {"run": "a", "texts": texts})[0] == 200
+
+        def a_merged() -> bool:
+            request(server.url + "/v1/classify", {"run": "a", "texts": texts[:1]})  # the copy takes over at a pass
+            return {r["name"]: r["merged"] for r in request(server.url + "/v1/runs")[2]["runs"]} == {
+                "a": True,
+                "b": False,
+            }
+
+        wait_for(a_merged, server.proc, "run a to get its merged copy", 120, server.log, every=0.5)
+        status, _, answer = request(server.url + "/v1/classify", {"run": "a", "texts": texts, "probabilities": True})
+        assert status == 200
+        from lorafit.inference.predict import load
+
+        np.testing.assert_allclose(answer["probabilities"], load(tiny_run).predict_proba(texts), rtol=0, atol=1e-6)
+    finally:
+        assert server.stop() == 0
+
+
 def test_benchmark_rewrites_only_its_section(tmp_path):
     from lorafit.serve.bench import END, START, write_between_markers
 

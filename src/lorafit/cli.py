@@ -532,7 +532,7 @@ def cmd_bench(a) -> int:
 
 
 def add_serve(sub) -> None:
-    from .serve.app import Limits
+    from .serve.limits import Limits
 
     d = Limits()
     p = sub.add_parser(
@@ -586,25 +586,44 @@ def add_serve(sub) -> None:
         "--merge",
         action=argparse.BooleanOptionalAction,
         help="serve every run merged, as predict computes it (faster; each run then holds its own copy of the layers "
-        "it adapts), or with --no-merge none; default: merge the runs alone on their base, where it costs nothing",
+        "it adapts), or with --no-merge none; default: merge the runs alone on their base, where it costs nothing, "
+        "and give busy runs merged copies within --merge-budget-mb",
+    )
+    p.add_argument(
+        "--merge-budget-mb",
+        type=float,
+        default=d.merge_budget_mb,
+        help="memory for merged copies of the busiest runs that share a base; 0 for none "
+        f"(default {d.merge_budget_mb:g}; docs/serving.md)",
     )
     p.set_defaults(fn=cmd_serve)
 
 
 def cmd_serve(a) -> int:
-    from .serve.app import Limits
+    from .serve.limits import Limits
     from .serve.server import serve
 
     for flag in ("port", "max_batch", "max_queue", "max_texts", "max_body_bytes", "threads"):
         value = getattr(a, flag)
         if value is not None and (value < 0 or (value == 0 and flag != "port")):
             raise LorafitError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
-    for flag in ("max_wait_ms", "drain_seconds"):
+    for flag in ("max_wait_ms", "drain_seconds", "merge_budget_mb"):
         if getattr(a, flag) < 0:
             raise LorafitError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected zero or more")
-    limits = Limits(a.max_texts, a.max_body_bytes, a.max_batch, a.max_wait_ms, a.max_queue, a.drain_seconds)
+    limits = Limits(
+        a.max_texts, a.max_body_bytes, a.max_batch, a.max_wait_ms, a.max_queue, a.drain_seconds, a.merge_budget_mb
+    )
     serve(
-        a.runs, a.host, a.port, limits, a.token_file, a.trusted_network, a.precision, a.threads, a.access_log, a.merge
+        a.runs,
+        a.host,
+        a.port,
+        limits,
+        a.token_file,
+        a.trusted_network,
+        a.precision,
+        a.threads,
+        a.access_log,
+        a.merge,
     )
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hmac
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
@@ -29,19 +28,10 @@ from starlette.exceptions import HTTPException
 from ..errors import LorafitError
 from ..inference.predict import softmax
 from .batching import Batcher, QueueFull, ShuttingDown
+from .limits import Limits
+from .merging import MergedCopies
 from .metrics import ServerMetrics
 from .registry import ServedRun
-
-
-@dataclass
-class Limits:
-    max_texts: int = 256  # texts in one request
-    max_body_bytes: int = 1 << 20
-    max_batch: int = 32  # texts in one forward pass
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
-    max_queue: int = 4096  # texts waiting; beyond it requests get 503 + Retry-After
-    drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Request and response shapes (they are also the OpenAPI page)
@@ -132,10 +122,19 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> tuple
 # The app
 
 
-def create_app(served: dict[str, ServedRun], limits: Limits, token: str | None = None) -> FastAPI:
+def create_app(
+    served: dict[str, ServedRun], limits: Limits, token: str | None = None, merged: MergedCopies | None = None
+) -> FastAPI:
     metrics = ServerMetrics(list(served))
-    batcher = Batcher(limits.max_batch, limits.max_wait_ms / 1000, limits.max_queue, metrics.observe_batch)
+    batcher = Batcher(
+        limits.max_batch,
+        limits.max_wait_ms / 1000,
+        limits.max_queue,
+        metrics.observe_batch,
+        merged.note if merged is not None else lambda run, texts: None,
+    )
     metrics.queue_depth.set_function(lambda: batcher.queued)
+    metrics.merged_runs.set_function(lambda: sum(r.run.merged for r in served.values()))
     state = {"ready": False}
 
     @asynccontextmanager

@@ -4,7 +4,7 @@ Requests wait in one queue. One worker thread takes the run whose request has wa
 queued request for that run up to `TAKE_BATCHES` forward passes' worth, once that request has waited `max_wait`
 seconds or that much is queued; a busy worker therefore batches whatever arrived meanwhile without waiting again.
 The texts are tokenised with the run's own tokenizer and max length, sorted by length, and go through its model in
-passes of at most `max_batch` texts. The encoder itself runs on the real tokens only (`speed.skip_padding`), so a
+passes of at most `max_batch` texts (with the run's merged copy where it has one: serve.merging). The encoder itself runs on the real tokens only (`speed.skip_padding`), so a
 pass of texts of mixed lengths costs what its tokens cost; attention, which still pads per text, is what sorting
 saves on. Runs are batched one at a time (each run's adapter and head are its own modules, so a forward pass
 serves one run).
@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..batching import predict_logits
+from ..fast.device import release_free_memory
 from .registry import ServedRun
 
 TAKE_BATCHES = 4  # forward passes' worth of texts the worker takes at once, to sort by length
+# When the worker hands freed heap memory back to the OS: after this long without work, and at least this often
+# under load. Passes of ever-changing shapes for many runs leave glibc's heap fragmented, and without a trim the
+# resident size grows with the number of runs served; a trim takes milliseconds.
+IDLE_TRIM_SECONDS = 0.2
+TRIM_SECONDS = 2.0
 
 
 class QueueFull(Exception):
@@ -52,12 +58,15 @@ class Batcher:
         max_wait: float,
         max_queue: int,
         on_batch: Callable[[str, int], None] = lambda run, size: None,
+        after_forward: Callable[[ServedRun, int], None] = lambda run, texts: None,
     ):
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
         self.on_batch = on_batch  # (run name, texts in one forward pass), for the batch-size histogram
+        self.after_forward = after_forward  # (run, texts it just classified), for merged copies of busy runs
         self._jobs: deque[_Job] = deque()
         self._queued = 0  # texts waiting, not yet taken by the worker
         self._closing = False
+        self._untrimmed, self._trimmed = False, time.monotonic()  # freed heap memory not yet handed back; when it was
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="lorafit-batcher", daemon=True)
 
@@ -98,6 +107,11 @@ class Batcher:
         least one job, however many texts it has). Empty once closing and drained."""
         with self._cond:
             while not self._jobs and not self._closing:
+                if self._untrimmed:
+                    self._cond.wait(IDLE_TRIM_SECONDS)
+                    if not self._jobs and not self._closing:
+                        self._trim()
+                    continue
                 self._cond.wait()
             if not self._jobs:
                 return []
@@ -123,6 +137,10 @@ class Batcher:
     def _queued_for(self, run: ServedRun) -> int:
         return sum(len(j.texts) for j in self._jobs if j.run is run)
 
+    def _trim(self) -> None:
+        release_free_memory()
+        self._untrimmed, self._trimmed = False, time.monotonic()
+
     def _work(self) -> None:
         while jobs := self._take():
             served = jobs[0].run
@@ -137,9 +155,13 @@ class Batcher:
             for job in jobs:
                 job.settle(logits[start : start + len(job.texts)])
                 start += len(job.texts)
+            self.after_forward(served, len(texts))
+            self._untrimmed = True
+            if time.monotonic() - self._trimmed > TRIM_SECONDS:
+                self._trim()
 
     def _forward(self, served: ServedRun, texts: list[str]) -> np.ndarray:
-        run = served.run
+        run = served.run  # read once: a merged copy may take over between passes
         for start in range(0, len(texts), self.max_batch):
             self.on_batch(served.name, min(self.max_batch, len(texts) - start))
         enc = run.encode(texts)

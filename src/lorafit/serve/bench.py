@@ -2,8 +2,8 @@
 
 Side by side, in one run, on the same texts and the same request shape (one text per request, Hugging Face's
 `{"inputs": text}` at /models/NAME):
-- `lorafit serve` with three runs on one base (dynamic batching, shared base weights), and with `--merge` (each run
-  merged as predict computes it, sharing what the merge leaves unchanged);
+- `lorafit serve` with three runs on one base (dynamic batching, shared base weights; by default busy runs get merged
+  copies, serve.merging), and with `--no-merge` (every run unmerged on the shared base);
 - the usual alternative: each run exported as a merged transformers model, one `pipeline` each, behind a plain
   FastAPI server that calls the pipeline per request (no batching), in the run's precision;
 - the ceiling: lorafit predict's own throughput on the same texts (the model alone: length-sorted batches, no HTTP).
@@ -32,9 +32,9 @@ import numpy as np
 
 CONCURRENCY = (1, 8, 32)
 MEMORY_RUNS = (1, 10, 50)
-# requests sent before memory is read, the same texts whatever the number of runs: the oneDNN primitive cache grows
-# with the distinct batch shapes seen (up to its capacity), so fewer requests for one run would flatter the ratio
-MEMORY_REQUESTS = 4 * max(MEMORY_RUNS)
+# texts each run gets before memory is read, in a burst that makes it busy (serve.merging.HOT_TEXTS), so that merged
+# copies fill their budget: memory is read in the worst case the budget allows
+MEMORY_TEXTS = 80
 SERVED = 3  # runs served in the throughput comparison
 PER_REQUEST = 16  # texts per request in the second set of lorafit serve rows
 
@@ -78,15 +78,24 @@ async def _client(port: int, jobs: list[tuple[int, bytes]], next_job: list[int],
         writer.close()
 
 
-def load(port: int, paths: list[str], texts: list[str], concurrency: int, requests: int, per_request: int = 1) -> dict:
-    """`requests` requests of `per_request` texts from `concurrency` keep-alive clients, round robin over the paths."""
+def load(
+    port: int,
+    paths: list[str],
+    texts: list[str],
+    concurrency: int,
+    requests: int,
+    per_request: int = 1,
+    round_robin: bool = True,
+) -> dict:
+    """`requests` requests of `per_request` texts from `concurrency` keep-alive clients, round robin over the paths
+    (or in their order, one request each, with round_robin=False)."""
 
     def inputs(i: int):
         if per_request == 1:
             return texts[i % len(texts)]
         return [texts[(i * per_request + k) % len(texts)] for k in range(per_request)]
 
-    jobs = [(i, _request_bytes(port, paths[i % len(paths)], inputs(i))) for i in range(requests)]
+    jobs = [(i, _request_bytes(port, paths[i % len(paths) if round_robin else i], inputs(i))) for i in range(requests)]
     latencies: list[float] = []
     answers: dict = {}
 
@@ -191,6 +200,25 @@ def run_pipeline_server(spec: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def settled_merges(port: int, quiet_seconds: float = 5.0, timeout: float = 300.0) -> int:
+    """How many served runs answer merged, once that number has not changed for `quiet_seconds` (merged copies of
+    busy runs are built one at a time, in the background)."""
+    count, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /v1/runs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        now = sum(r["merged"] for r in json.loads(reply.split(b"\r\n\r\n", 1)[1])["runs"])
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_seconds:
+            return count
+        time.sleep(0.5)
+    raise RuntimeError(f"merging did not settle within {timeout:g} s")
+
+
 def quick_run(folder: Path) -> Path:
     """A short run of the default recipe on the embedded MiniLM."""
     from ..config import load_config
@@ -257,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
         ceiling = predict_ceiling(run, texts)
 
         rows = {}
-        for label, flags in (("lorafit serve", ("--no-merge",)), ("lorafit serve --merge", ("--merge",))):
+        for label, flags in (("lorafit serve", ()), ("lorafit serve --no-merge", ("--no-merge",))):
             print(f"{label} ...", file=sys.stderr, flush=True)
             server = lorafit_server(served, work / "serve.log", *flags)
             try:
-                load(server.port, paths, texts, 8, 200)  # warm up
+                load(server.port, paths, texts, 8, 200)  # warm up; by default the runs get busy and merged copies
+                settled_merges(server.port)
                 rows[label] = [
                     with_ceiling(ceiling, lambda c=c, port=server.port: load(port, paths, texts, c, a.requests))
                     for c in CONCURRENCY
@@ -292,27 +321,30 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             pipes.stop()
 
-        def rss_after_requests(child: Child, served_names: list[str]) -> float:
+        def rss_after_requests(child: Child, served_names: list[str], lorafit: bool = True) -> tuple[float, int]:
+            """(resident MB, runs answering merged) once every run has been busy, and merging has settled."""
             try:
-                load(child.port, [f"/models/{k}" for k in served_names], texts, 4, MEMORY_REQUESTS)
-                return rss_mb(child.proc.pid)
+                # each run in turn gets busy (MEMORY_TEXTS in a burst): the worst case for the merge budget
+                paths = [f"/models/{k}" for k in served_names for _ in range(MEMORY_TEXTS // PER_REQUEST)]
+                load(child.port, paths, texts, 4, len(paths), PER_REQUEST, round_robin=False)
+                merged_runs = settled_merges(child.port) if lorafit else 0
+                return rss_mb(child.proc.pid), merged_runs
             finally:
                 child.stop()
 
-        memory, merged_memory, pipe_memory = {}, {}, {}
+        memory: dict[str, dict[int, tuple[float, int]]] = {"lorafit serve": {}, "--no-merge": {}, "pipeline": {}}
         for n in MEMORY_RUNS:
             print(f"memory with {n} runs ...", file=sys.stderr, flush=True)
             some = dict(list(copies.items())[:n])
-            # --no-merge: one run alone would be merged
-            memory[n] = rss_after_requests(lorafit_server(some, work / f"mem{n}.log", "--no-merge"), list(some))
+            memory["lorafit serve"][n] = rss_after_requests(lorafit_server(some, work / f"mem{n}.log"), list(some))
+            memory["--no-merge"][n] = rss_after_requests(
+                lorafit_server(some, work / f"mem-nomerge{n}.log", "--no-merge"), list(some)
+            )
         for n in (1, 10):
             some = dict(list(copies.items())[:n])
-            merged_memory[n] = rss_after_requests(
-                lorafit_server(some, work / f"mem-merged{n}.log", "--merge"), list(some)
-            )
             pipes = pipeline_server(dict.fromkeys(some, merged), dtype, work / f"pipemem{n}.log")
-            pipe_memory[n] = rss_after_requests(pipes, list(some))
-        report = render(rows, memory, merged_memory, pipe_memory, cfg, dtype, a.requests)
+            memory["pipeline"][n] = rss_after_requests(pipes, list(some), lorafit=False)
+        report = render(rows, memory, cfg, dtype, a.requests)
         write_between_markers(a.out, report)
         print(report)
     finally:
@@ -341,7 +373,7 @@ def _run_dtype(cfg) -> str:
     return str(resolve_precision(cfg.train.precision, pick_device())).replace("torch.", "")
 
 
-def render(rows: dict, memory: dict, merged_memory: dict, pipe_memory: dict, cfg, dtype: str, requests: int) -> str:
+def render(rows: dict, memory: dict, cfg, dtype: str, requests: int) -> str:
     ceilings = [r["ceiling"] for results in rows.values() for r in results]
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python -m lorafit.serve.bench` on this machine ({os.cpu_count()} cores), "
@@ -349,7 +381,9 @@ def render(rows: dict, memory: dict, merged_memory: dict, pipe_memory: dict, cfg
         "AG News test-sample texts, clients on keep-alive connections on the same machine.",
         "",
         "The ceiling is lorafit predict on the same texts (no HTTP, length-sorted batches), measured in the bench's "
-        f"process just before each row: {min(ceilings):,.0f}–{max(ceilings):,.0f} texts/s over the rows.",
+        f"process just before each row: {min(ceilings):,.0f}–{max(ceilings):,.0f} texts/s over the rows. "
+        "`lorafit serve` is the default (runs unmerged on the shared base, busy runs given merged copies within "
+        "`--merge-budget-mb`), measured once its three runs are busy and their copies built.",
         "",
         "| server | concurrency | requests | texts per request | failed | texts/s | predict just before | of predict | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -360,17 +394,22 @@ def render(rows: dict, memory: dict, merged_memory: dict, pipe_memory: dict, cfg
                 f"| {server} | {r['concurrency']} | {r['requests']} | {r['per_request']} | {r['failed']} | {r['texts_per_s']:,.0f} | "
                 f"{r['ceiling']:,.0f} | {r['texts_per_s'] / r['ceiling']:.0%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
             )
+    default, unmerged, pipe = memory["lorafit serve"], memory["--no-merge"], memory["pipeline"]
     lines += [
         "",
-        "Resident memory of the server process (VmRSS after every run has answered):",
+        f"Resident memory of the server process (VmRSS once each run has had {MEMORY_TEXTS} texts in a burst, which "
+        "makes it busy, and merging has settled; runs answering merged in brackets):",
         "",
-        "| runs | lorafit serve MB | × 1 run | lorafit serve --merge MB | pipeline per run MB |",
-        "|---:|---:|---:|---:|---:|",
+        "| runs | lorafit serve MB | × 1 run | lorafit serve --no-merge MB | × 1 run | pipeline per run MB |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, mb in memory.items():
-        merged = f"{merged_memory[n]:,.0f}" if n in merged_memory else "–"
-        pipe = f"{pipe_memory[n]:,.0f}" if n in pipe_memory else "–"
-        lines.append(f"| {n} | {mb:,.0f} | {mb / memory[min(memory)]:.2f} | {merged} | {pipe} |")
+    for n, (mb, merged) in default.items():
+        plain = unmerged[n][0]
+        piped = f"{pipe[n][0]:,.0f}" if n in pipe else "–"
+        lines.append(
+            f"| {n} | {mb:,.0f} ({merged} merged) | {mb / default[min(default)][0]:.2f} | {plain:,.0f} | "
+            f"{plain / unmerged[min(unmerged)][0]:.2f} | {piped} |"
+        )
     return "\n".join(lines) + "\n"
 
 

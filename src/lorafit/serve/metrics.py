@@ -38,6 +38,11 @@ class ServerMetrics:
         )
         self.texts = Counter("lorafit_texts", "Texts classified, by run.", ["run"], registry=r)
         self.queue_depth = Gauge("lorafit_queue_depth", "Texts waiting for a forward pass.", registry=r)
+        self.merged_runs = Gauge(
+            "lorafit_merged_runs",
+            "Runs answering from a merged model (merged at load, or busy runs' copies).",
+            registry=r,
+        )
         self.rejected = Counter("lorafit_rejected", "Requests refused because the queue was full (503).", registry=r)
 
     def observe_request(self, route: str, run: str | None, code: int, seconds: float) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import runs
 from ..errors import LorafitError
-from ..inference.loaded import LoadedRun, load_runs
+from ..inference.loaded import LoadedRun, SharedBases, load_runs
 from ..inference.predict import Classifier
 from ..models import hub_id
 
@@ -23,11 +23,18 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 @dataclass
 class ServedRun:
     name: str
-    classifier: Classifier
+    classifier: Classifier  # the run as loaded: its preparation of texts, and its model on the shared base
+    merged_copy: LoadedRun | None = None  # while the run is busy, its merged copy (serve.merging), which answers
+
+    @property
+    def loaded(self) -> LoadedRun:
+        return self.classifier.run
 
     @property
     def run(self) -> LoadedRun:
-        return self.classifier.run
+        """The model that answers now."""
+        copy = self.merged_copy
+        return copy if copy is not None else self.loaded
 
     @property
     def label_names(self) -> list[str]:
@@ -99,7 +106,10 @@ def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def load_served(
-    pairs: list[tuple[str, Path]], precision: str | None = None, merge: bool | None = None
+    pairs: list[tuple[str, Path]],
+    precision: str | None = None,
+    merge: bool | None = None,
+    loader: SharedBases | None = None,
 ) -> dict[str, ServedRun]:
-    loaded = load_runs([folder for _, folder in pairs], precision, merge)
+    loaded = load_runs([folder for _, folder in pairs], precision, merge, loader)
     return {name: ServedRun(name, Classifier(run)) for (name, _), run in zip(pairs, loaded, strict=True)}

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ..errors import LorafitError
 from ..fast.device import set_threads
-from .app import Limits, create_app
+from ..inference.loaded import SharedBases
+from .app import create_app
+from .limits import Limits
+from .merging import MergedCopies
 from .registry import load_served, parse_specs
 
 
@@ -66,8 +69,12 @@ def serve(
     pairs = parse_specs(specs)  # every argument is checked before any model loads
     listener = bind(host, port)
     set_threads(threads)
-    served = load_served(pairs, precision, merge)
-    app = create_app(served, limits, token)
+    loader = SharedBases(precision)
+    served = load_served(pairs, precision, merge, loader)
+    # --no-merge: no run merged, at load or later
+    budget = int(limits.merge_budget_mb * 2**20) if merge is not False else 0
+    merged = MergedCopies(loader, budget) if budget else None
+    app = create_app(served, limits, token, merged)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
