@@ -265,6 +265,37 @@ def test_bad_requests_get_a_4xx_with_one_line(server, path, body, status, words,
 
 
 @pytest.mark.slow
+def test_chunked_bodies_are_read_and_limited(server):
+    """A body sent without Content-Length (chunked) is read to its end and answered, and refused with 413 once it
+    passes --max-body-bytes."""
+    import http.client
+
+    def chunked(parts: list[bytes]) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
+        try:
+            conn.request(
+                "POST",
+                "/v1/classify",
+                body=iter(parts),
+                headers={"Content-Type": "application/json"},
+                encode_chunked=True,
+            )
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read())
+        finally:
+            conn.close()
+
+    status, answer = chunked([b'{"run": "tiny", ', b'"texts": ["Stocks fell", ', b'"The striker scored"]}'])
+    assert status == 200 and len(answer["labels"]) == 2
+    try:
+        status, answer = chunked([b'{"run": "tiny", "texts": ["', *([b"a" * 65536] * 17), b'"]}'])
+    except (ConnectionResetError, BrokenPipeError):  # refused before the client finished sending
+        return
+    assert status == 413 and "at most 1048576" in answer["error"]
+    assert request(server.url + "/health")[0] == 200
+
+
+@pytest.mark.slow
 def test_wrong_content_type_and_method(server):
     status, _, body = request(
         server.url + "/v1/classify",

@@ -23,7 +23,9 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LorafitError
 from ..inference.predict import softmax
@@ -119,6 +121,89 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Around every route
+
+OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}  # no token needed
+
+
+class Guard:
+    """Bearer token, body size, and the request metrics, around every route.
+
+    Plain ASGI middleware rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs every request
+    through a task group and memory streams of its own, a fixed cost per request that a server of one-text requests
+    pays on every text (docs/serving.md measures it)."""
+
+    def __init__(self, app: ASGIApp, limits: Limits, token: str | None, metrics: ServerMetrics):
+        self.app, self.limits, self.token, self.metrics = app, limits, token, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            problem, receive = await self._check(scope, receive)
+            await (problem or self.app)(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.observe_request(
+                getattr(route, "path", "unmatched"),
+                scope.get("path_params", {}).get("name"),
+                status,
+                time.perf_counter() - start,
+            )
+
+    async def _check(self, scope: Scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
+        """(the error response, or None), and the receive channel to read the body from."""
+        headers = Headers(scope=scope)
+        limit = self.limits.max_body_bytes
+        if self.token is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            # compare_digest: the time taken does not tell how much of a guessed token was right
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.token.encode()):
+                return _problem(
+                    401,
+                    "missing or wrong bearer token; send Authorization: Bearer <token>",
+                    {"WWW-Authenticate": "Bearer"},
+                ), receive
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return _problem(
+                413, f"the body has {length} bytes; at most {limit} are accepted (--max-body-bytes)"
+            ), receive
+        if scope["method"] != "POST" or length is not None:
+            return None, receive
+        # a chunked upload: read it (no further than the limit) to know its size, then hand the app what was read
+        body, more = b"", True
+        while more and len(body) <= limit:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        if len(body) > limit:
+            return _problem(
+                413, f"the body has over {limit} bytes; at most {limit} are accepted (--max-body-bytes)"
+            ), receive
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: a disconnect
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return None, replay
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The app
 
 
@@ -200,45 +285,7 @@ def create_app(
     async def http_error(request: Request, exc: HTTPException):  # 404 for unknown paths, 405 for wrong methods
         return _problem(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; see /docs", exc.headers)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Bearer token, body size, and the request metrics, around every route."""
-        start = time.perf_counter()
-        response = await _guarded(request, call_next)
-        route = request.scope.get("route")
-        metrics.observe_request(
-            getattr(route, "path", "unmatched"),
-            request.scope.get("path_params", {}).get("name"),
-            response.status_code,
-            time.perf_counter() - start,
-        )
-        return response
-
-    open_paths = {"/health", "/ready", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
-
-    async def _guarded(request: Request, call_next):
-        if token is not None and request.url.path not in open_paths:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            # compare_digest: the time taken does not tell how much of a guessed token was right
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-                return _problem(
-                    401,
-                    "missing or wrong bearer token; send Authorization: Bearer <token>",
-                    {"WWW-Authenticate": "Bearer"},
-                )
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return _problem(
-                413, f"the body has {length} bytes; at most {limits.max_body_bytes} are accepted (--max-body-bytes)"
-            )
-        if request.method == "POST" and length is None:
-            body = await request.body()  # chunked upload: read it to know its size; FastAPI reuses what is read
-            if len(body) > limits.max_body_bytes:
-                return _problem(
-                    413,
-                    f"the body has {len(body)} bytes; at most {limits.max_body_bytes} are accepted (--max-body-bytes)",
-                )
-        return await call_next(request)
+    app.add_middleware(Guard, limits=limits, token=token, metrics=metrics)
 
     @app.post(
         "/models/{name}",

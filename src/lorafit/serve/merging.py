@@ -8,9 +8,9 @@ base and gives a merged copy to a run once it is busy, while the copies fit in `
 A run is busy once it has had `HOT_TEXTS` texts within the last `HOT_WINDOW` seconds. Busy runs get their copies in
 the order they got busy, one at a time, on a thread of their own, each built exactly as `lorafit predict` merges
 (from the run folder, in fp32) while the run goes on being served unmerged; the finished copy takes over from the
-next forward pass. A copy unused for `idle_seconds` is dropped,
-which makes room for another. A busy run never loses its copy to another busy run: with more busy runs than the
-budget holds, the first to get busy keep theirs, and copies do not churn.
+next forward pass. A copy unused for `idle_seconds` is dropped, which makes room for another. A busy run never loses
+its copy to another busy run: with more busy runs than the budget holds, the first to get busy keep theirs, and
+copies do not churn.
 """
 
 from __future__ import annotations
