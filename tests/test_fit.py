@@ -169,3 +169,28 @@ def test_bad_fits_are_one_line(settings, tiny_fit, tmp_path, capsys, monkeypatch
     check_base(tmp_path / "g", load_config(None, settings))
     assert cli(["fit", "--minutes", "1", *sets, "-o", str(tmp_path / "g")]) == 2
     assert "holds a fit of --minutes 5, not 1" in capsys.readouterr().err
+
+
+def test_the_upper_layers_layout_comes_first_where_the_model_names_its_layers():
+    """On the embedded MiniLM the first candidate (what a fit too short for trials trains) adapts only the top three
+    encoder layers, and the budget counts those alone; a DistilBERT, whose layers have other names, leaves it out with
+    a note, and the base config comes first."""
+    points, notes = fit_mod.candidates(load_config(None, []))
+    first = points[0]
+    assert first.overrides == fit_mod.UPPER_LAYERS and not notes
+    # the six Linear layers of each of the top three of MiniLM's six layers: 3 modules of each kind
+    assert {kind: row["modules"] for kind, row in first.budget.per_module.items()} == {
+        kind: 3
+        for kind in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        )
+    }
+    assert first.budget.total == 16 * 3 * (4 * (384 + 384) + 2 * (384 + 1536)) + 1540  # A and B at r 16, the head
+    distil = load_config(None, ["model.name=distilbert-base-uncased", "budget.max_trainable=2000000"])
+    points, notes = fit_mod.candidates(distil)
+    assert points[0].overrides == {} and "target_modules" in notes[0] and "q_lin" in notes[0]
