@@ -83,5 +83,12 @@ def test_an_old_interrupted_run_resumes_to_the_same_result(legacy, capsys):
     resumed.pop("baseline")
     assert untimed(json.loads((a / "metrics.json").read_text())) == untimed(resumed)
     history = [untimed(json.loads(line)) for line in (a / "history.jsonl").read_text().splitlines()]
-    assert history == [untimed(json.loads(line)) for line in (b / "history.jsonl").read_text().splitlines()]
+    resumed_history = [untimed(json.loads(line)) for line in (b / "history.jsonl").read_text().splitlines()]
+    # The fixture was written on a CPU with AVX-512. A batch's mean loss is a float32 sum whose order follows the
+    # CPU's vector width, so a machine without AVX-512 logs the same step's train loss a rounding apart (the
+    # gradients, taken per example, are the same: the weights above are equal bit for bit). Everything else is exact.
+    train_loss = [row.pop("train_loss") for row in history]
+    assert resumed_history[0]["train_loss"] == train_loss[0]  # logged by the old code before it stopped
+    assert [row.pop("train_loss") for row in resumed_history] == pytest.approx(train_loss, rel=1e-6)
+    assert history == resumed_history
     assert "\neval:" in (b / "config.yaml").read_text()  # saved again in the current layout
