@@ -132,9 +132,9 @@ def load_runs(
     on_base = Counter(loader.key(cfg) for cfg in configs)
     loaded = []
     for folder, cfg in zip(folders, configs, strict=True):
-        rewrites = rewrites_base(cfg)
-        merged = (rewrites or on_base[loader.key(cfg)] == 1) if merge is None else merge
-        if merged and on_base[loader.key(cfg)] == 1:  # nothing to share with
+        rewrites, alone = rewrites_base(cfg), on_base[loader.key(cfg)] == 1
+        merged = (rewrites or alone) if merge is None else merge
+        if merged and alone:  # nothing to share with
             run = load_run(folder, precision, merge=True)
             run.merged = True
             loaded.append(run)

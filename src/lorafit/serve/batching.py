@@ -6,8 +6,8 @@ seconds or that much is queued; a busy worker therefore batches whatever arrived
 The texts are tokenised with the run's own tokenizer and max length, sorted by length, and go through its model (or
 its merged copy, where it has one: serve.merging) in passes of at most `max_batch` texts. The encoder itself runs on
 the real tokens only (`speed.skip_padding`), so a pass of texts of mixed lengths costs what its tokens cost;
-attention, which still pads per text, is what sorting saves on. Runs are batched one at a time (each run's adapter and head are its own modules, so a forward pass
-serves one run).
+attention, which still pads per text, is what sorting saves on. Runs are batched one at a time (each run's adapter
+and head are its own modules, so a forward pass serves one run).
 
 The model runs on this worker thread and never on the event loop, which only parses and answers HTTP.
 """

@@ -119,6 +119,17 @@ def load(
     }
 
 
+def get(port: int, path: str, timeout: float = 10) -> tuple[int, bytes]:
+    """(status, body) of one GET on a connection of its own."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The servers, as child processes
 
@@ -145,9 +156,7 @@ class Child:
 
     def _ready(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                return s.recv(64).split()[1:2] == [b"200"]
+            return get(self.port, "/ready", timeout=1)[0] == 200
         except OSError:
             return False
 
@@ -205,12 +214,7 @@ def settled_merges(port: int, quiet_seconds: float = 5.0, timeout: float = 300.0
     busy runs are built one at a time, in the background)."""
     count, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"GET /v1/runs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-        now = sum(r["merged"] for r in json.loads(reply.split(b"\r\n\r\n", 1)[1])["runs"])
+        now = sum(r["merged"] for r in json.loads(get(port, "/v1/runs")[1])["runs"])
         if now != count:
             count, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_seconds:
