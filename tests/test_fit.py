@@ -21,13 +21,14 @@ from lorafit.batching import encode
 from lorafit.cli import main as cli
 from lorafit.config import load_config
 from lorafit.experiments import fit as fit_mod
+from lorafit.experiments.tables import read_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 # two recipes that differ enough for validation to tell them apart within a second or two of training
 TINY_CANDIDATES = [{"train.lr": 1e-6}, {"model.head": "mean", "train.lr": 2e-2}]
 CLASS_WORDS = ["football", "election", "market", "software"]
-SECONDS = 24.0
+SECONDS = 36.0  # enough for two trials and a final run of a tiny model on a slow 2-core machine
 
 
 @pytest.fixture()
@@ -76,10 +77,13 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
     for t in trials:  # selection never sees the test rows, and trials skip the baseline
         metrics = json.loads((t / "metrics.json").read_text())
         assert "test" not in metrics and "baseline" not in metrics
-    val = {t.name: json.loads((t / "metrics.json").read_text())["val"]["accuracy"] for t in trials}
-    best = max(val, key=val.get)
+    # the best by validation accuracy, a tie broken by the lower validation loss (on a slow machine both tiny
+    # recipes can end level on accuracy)
+    records = {t.name: read_record(t) for t in trials}
+    rank = {name: (r["val_accuracy"], -r["best_val_loss"]) for name, r in records.items()}
+    best = max(rank, key=rank.get)
     assert state["final"]["point"] == json.loads((out / best / "point.json").read_text())["point"]
-    assert val[best] > min(val.values())  # the candidates really differ, so the pick means something
+    assert rank[best] > min(rank.values())  # the candidates really differ, so the pick means something
 
     metrics = json.loads((final / "metrics.json").read_text())
     assert "test" in metrics and "baseline" in metrics
@@ -109,7 +113,8 @@ def test_a_fit_too_short_for_trials_trains_the_base_config_to_the_deadline(setti
     assert taken <= SECONDS + fit_mod.grace(SECONDS / 60), taken
     state = json.loads((out / "fit.json").read_text())
     assert state["trial_seconds"] == {} and state["final"]["point"] == {}
-    assert state["final"]["max_seconds"] == pytest.approx(SECONDS - 6.0, abs=1.0)
+    # what is left after the fixed cost and the final run's evaluations, timed on this machine before it starts
+    assert SECONDS - 6.0 - 5.0 < state["final"]["max_seconds"] < SECONDS - 6.0
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["training"]["train_seconds"] == pytest.approx(state["final"]["max_seconds"], abs=1.0)
     assert (out / "results.md").read_text().count("| final |") == 1

@@ -24,6 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from .. import runs
 from ..atomic import atomic_write_text
 from ..batching import bars_hidden
@@ -70,8 +72,15 @@ CHECKPOINT_SECONDS = 120.0  # the final run checkpoints about this often, so a k
 # The final run's fixed cost beyond a trial's (the test rows at the trials' evaluation rate, the baseline, restoring
 # the best checkpoint) is estimated as a trial's fixed cost times this; above the estimate a fit may overrun by grace().
 OVERHEAD_FACTOR = 1.5
-# Without trials nothing has measured the final run's fixed cost; this stands in for it (grace() covers the error).
+# Without trials nothing has measured the final run's fixed cost. Its evaluations (validation and test rows) are
+# timed before it starts (_evaluation_seconds); this stands in for the rest: setup, the baseline, saving, the report
+# (grace() covers the error).
 UNMEASURED_FIXED_SECONDS = 45.0
+PROBE_TEXTS = 256  # validation texts an evaluation is timed on
+# The probe times the base model on the inference path; a training run evaluates its adapter unmerged, in the
+# training layout, which took about 1.7 times as long per text when measured (docs/accuracy.md): the margin is
+# taken whole, a fit that ends early costing less than one that overruns.
+PROBE_FACTOR = 2.0
 # nor its training rate: the final run checkpoints every this many steps instead of every CHECKPOINT_SECONDS
 UNMEASURED_CHECKPOINT_STEPS = 200
 MIN_FINAL_SECONDS = 10.0  # a fit that leaves its final run less training than this is refused
@@ -276,7 +285,9 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
                     seconds, rate = _final_seconds(clock, done, n_val, n_test)
                     every = max(10, round(CHECKPOINT_SECONDS * rate / winner.cfg.train.batch_size))
                 else:
-                    seconds, every = clock.left - UNMEASURED_FIXED_SECONDS, UNMEASURED_CHECKPOINT_STEPS
+                    reserved = UNMEASURED_FIXED_SECONDS + _evaluation_seconds(winner.cfg)
+                    seconds, every = clock.left - reserved, UNMEASURED_CHECKPOINT_STEPS
+                    log(f"  reserving {reserved:.0f}s after the deadline for the final run's evaluations and saving")
                 if seconds < MIN_FINAL_SECONDS:
                     raise LorafitError(
                         f"only {clock.left:.0f}s of the {minutes:g} minutes are left for the final run; "
@@ -313,9 +324,41 @@ def _apply(cfg: Config, settings: dict) -> Config:
     return apply_point(cfg, settings, "fit")
 
 
-def _split_sizes(base: Config) -> tuple[int, int]:
-    """Validation and test rows of the base config's data (the final run scores both)."""
+def _evaluation_seconds(cfg: Config) -> float:
+    """About how long the final run's evaluations of its validation and test rows will take on this machine, from
+    the base model's time on a sample of validation rows. On a slow CPU they take minutes, which a fit without
+    trials would otherwise spend past its deadline."""
+    from ..batching import encode, predict_logits
+    from ..fast.device import pick_device, resolve_precision, store_frozen_in
+    from ..models import build_model, load_tokenizer
+
+    data = _data(cfg)
+    device = pick_device()
+    dtype = resolve_precision(cfg.train.precision, device)
+    model = build_model(cfg, len(data.label_names)).to(device).eval()
+    store_frozen_in(model, dtype)
+    tokenizer = load_tokenizer(cfg.model.name)
+    batch = cfg.eval.batch_size
+
+    def timed(texts: list[str]) -> float:
+        enc = encode(tokenizer, texts, np.zeros(len(texts), dtype=np.int64), cfg.model.max_length)
+        start = time.perf_counter()
+        predict_logits(model, enc, batch, tokenizer.pad_token_id, device, dtype)
+        return time.perf_counter() - start
+
+    timed(data.val.texts[:batch])  # warm-up: the first pass pays for allocations
+    texts = data.val.texts[:PROBE_TEXTS]
+    rows = len(data.val.texts) + (len(data.test.texts) if data.test else 0)
+    return PROBE_FACTOR * timed(texts) / len(texts) * rows
+
+
+def _data(cfg: Config):
     from ..data import load_data
 
-    data = load_data(base.data, base.train.seed)
+    return load_data(cfg.data, cfg.train.seed)
+
+
+def _split_sizes(base: Config) -> tuple[int, int]:
+    """Validation and test rows of the base config's data (the final run scores both)."""
+    data = _data(base)
     return len(data.val.texts), len(data.test.texts) if data.test else 0
