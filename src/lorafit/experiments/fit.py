@@ -77,10 +77,10 @@ OVERHEAD_FACTOR = 1.5
 # (grace() covers the error).
 UNMEASURED_FIXED_SECONDS = 45.0
 PROBE_TEXTS = 256  # validation texts an evaluation is timed on
-# The probe times the base model on the inference path; a training run evaluates its adapter unmerged, in the
-# training layout, which took about 1.7 times as long per text when measured (docs/accuracy.md): the margin is
-# taken whole, a fit that ends early costing less than one that overruns.
-PROBE_FACTOR = 2.0
+# The probe times the base model as `lorafit predict` runs it; a training run's evaluation of its unmerged adapter
+# took about as long per text when measured (docs/accuracy.md). The factor is a margin: a fit that ends a little
+# early costs less than one that overruns.
+PROBE_FACTOR = 1.25
 # nor its training rate: the final run checkpoints every this many steps instead of every CHECKPOINT_SECONDS
 UNMEASURED_CHECKPOINT_STEPS = 200
 MIN_FINAL_SECONDS = 10.0  # a fit that leaves its final run less training than this is refused
@@ -329,14 +329,15 @@ def _evaluation_seconds(cfg: Config) -> float:
     the base model's time on a sample of validation rows. On a slow CPU they take minutes, which a fit without
     trials would otherwise spend past its deadline."""
     from ..batching import encode, predict_logits
-    from ..fast.device import pick_device, resolve_precision, store_frozen_in
+    from ..fast.device import pick_device, resolve_precision
+    from ..inference.loaded import for_inference
     from ..models import build_model, load_tokenizer
 
     data = _data(cfg)
     device = pick_device()
     dtype = resolve_precision(cfg.train.precision, device)
-    model = build_model(cfg, len(data.label_names)).to(device).eval()
-    store_frozen_in(model, dtype)
+    model = build_model(cfg, len(data.label_names))
+    for_inference(model, cfg, device, dtype)  # with prediction's speed patches, as `lorafit predict` runs
     tokenizer = load_tokenizer(cfg.model.name)
     batch = cfg.eval.batch_size
 
