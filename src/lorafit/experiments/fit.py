@@ -281,7 +281,7 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
             if state["final"] is None or state["final"]["point"] != winner.overrides:
                 done = [f for _, f in trials if runs.is_complete(f)]
                 if done:
-                    n_val, n_test = _split_sizes(base)
+                    n_val, n_test = _split_sizes(_data(base))
                     seconds, rate = _final_seconds(clock, done, n_val, n_test)
                     every = max(10, round(CHECKPOINT_SECONDS * rate / winner.cfg.train.batch_size))
                 else:
@@ -349,8 +349,7 @@ def _evaluation_seconds(cfg: Config) -> float:
 
     timed(data.val.texts[:batch])  # warm-up: the first pass pays for allocations
     texts = data.val.texts[:PROBE_TEXTS]
-    rows = len(data.val.texts) + (len(data.test.texts) if data.test else 0)
-    return PROBE_FACTOR * timed(texts) / len(texts) * rows
+    return PROBE_FACTOR * timed(texts) / len(texts) * sum(_split_sizes(data))
 
 
 def _data(cfg: Config):
@@ -359,7 +358,6 @@ def _data(cfg: Config):
     return load_data(cfg.data, cfg.train.seed)
 
 
-def _split_sizes(base: Config) -> tuple[int, int]:
-    """Validation and test rows of the base config's data (the final run scores both)."""
-    data = _data(base)
+def _split_sizes(data) -> tuple[int, int]:
+    """Validation and test rows of the data (the final run scores both)."""
     return len(data.val.texts), len(data.test.texts) if data.test else 0
