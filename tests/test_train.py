@@ -15,7 +15,7 @@ from conftest import TINY_SETTINGS
 from lorafit.batching import encode, predict_logits
 from lorafit.config import load_config
 from lorafit.inference.loaded import load_run
-from lorafit.training.recipe import evaluate, final_metrics, run, save, setup, train
+from lorafit.training.recipe import evaluate, evaluations_without_gain, final_metrics, run, save, setup, train
 
 
 def tiny_cfg(model_dir, data_csv, *extra):
@@ -85,21 +85,48 @@ def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_
     assert max(p.abs().max().item() for n, p in loaded.model.named_parameters() if "lora_B" in n) > 0
 
 
-def test_early_stopping_restores_the_best_step(tiny_bert, small_csv):
-    # a threshold no evaluation can beat: the first evaluation stays best, training stops after `patience` more
+def test_early_stopping_restores_the_best_step(tiny_bert, small_csv, monkeypatch):
+    """The threshold drives early stopping only; the weights kept are the best evaluation's by any margin."""
+    from lorafit.training import recipe
+
+    losses = iter([1.0, 0.99, 0.995])  # step 2 is the best, but beats step 1 by less than the threshold
+    weights = {}
+    real_evaluation = recipe.evaluate
+
+    def scripted_evaluation(s, enc, desc=None):
+        if desc != "eval":  # not the loop's validation (setup times a small batch)
+            return real_evaluation(s, enc, desc)
+        weights[len(weights) + 1] = {n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
+        return {"loss": next(losses), "accuracy": 0.5, "macro_f1": 0.5}
+
+    monkeypatch.setattr(recipe, "evaluate", scripted_evaluation)
     cfg = tiny_cfg(
         tiny_bert,
         small_csv,
         "train.max_steps=40",
         "eval.every=1",
         "eval.early_stopping.patience=2",
-        "eval.early_stopping.threshold=100",
+        "eval.early_stopping.threshold=0.02",
     )
     s = setup(cfg)
     res = train(s)
-    assert res.stopped_early and res.steps == 3 and res.best_step == 1
-    # the model now holds the step-1 weights: its validation loss equals the first history row's
-    assert evaluate(s, s.val_enc)["loss"] == pytest.approx(res.history[0]["val_loss"], abs=1e-6)
+    # two evaluations without a gain of more than 0.02 over the best before them: stopped after the third
+    assert res.stopped_early and res.steps == 3
+    # step 2 is kept (a threshold that also picked the weights would have kept step 1)
+    assert res.best_step == 2 and res.best_value == 0.99
+    now = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(now[n], w) for n, w in weights[2].items())
+    assert not all(torch.equal(now[n], w) for n, w in weights[3].items())  # the weights did move after step 2
+
+
+def test_patience_counts_from_the_last_gain_larger_than_the_threshold():
+    losses = [1.0, 0.995, 0.98, 0.975, 0.971]
+    history = [{"val_loss": v} for v in losses]
+    # 0.98 beat the best before it (0.995) by more than 0.01; the two after it are better, but by less
+    assert evaluations_without_gain(history, "val_loss", 0.01) == 2
+    assert evaluations_without_gain(history, "val_loss", 0.0) == 0
+    accuracies = [{"val_accuracy": v} for v in (0.5, 0.7, 0.7, 0.705)]
+    assert evaluations_without_gain(accuracies, "val_accuracy", 0.01) == 2
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant", "reduce_on_plateau"])

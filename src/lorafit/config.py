@@ -284,7 +284,9 @@ class EarlyStoppingConfig(Section):
         3, ge=0, description="Stop after this many evaluations without improvement; 0 turns early stopping off."
     )
     threshold: float = Field(
-        0.01, ge=0, description="An evaluation improves only when it beats the best by more than this (absolute)."
+        0.01,
+        ge=0,
+        description="For early stopping, an evaluation improves only when it beats the best by more than this (absolute); the best checkpoint is the best evaluation by any margin.",
     )
 
 

@@ -185,10 +185,26 @@ def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
     return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits}
 
 
-def _improved(metric: str, value: float, best: float | None, threshold: float) -> bool:
+def _improved(metric: str, value: float, best: float | None, threshold: float = 0.0) -> bool:
     if best is None:
         return True
     return value < best - threshold if metric == "val_loss" else value > best + threshold
+
+
+def evaluations_without_gain(history: list[dict], metric: str, threshold: float) -> int:
+    """How many evaluations have passed since the last one that beat the best before it by more than `threshold`.
+
+    This drives early stopping only. The best weights are those of the best evaluation, by any margin, as
+    Trainer's metric_for_best_model keeps them: a threshold that also picked the weights would restore an
+    earlier checkpoint over a later one that is better, only by less than the threshold.
+    """
+    best, since = None, 0
+    for row in history:
+        value = row[metric]
+        since = 0 if _improved(metric, value, best, threshold) else since + 1
+        if _improved(metric, value, best):
+            best = value
+    return since
 
 
 def _numerical_fault(
@@ -376,10 +392,10 @@ class Loop:
         self.say(
             f"step {p.step} epoch {frac_epoch:.2f}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, val accuracy {val['accuracy']:.4f}"
         )
-        if _improved(es.metric, row[es.metric], res.best_value, es.threshold if res.best_value is not None else 0.0):
+        if _improved(es.metric, row[es.metric], res.best_value):
             res.best_value, res.best_step = row[es.metric], p.step
             st.best = {k: v.detach().clone() for k, v in st.trainable.items()}
-        elif es.patience and sum(1 for h in res.history if h["step"] > res.best_step) >= es.patience:
+        if es.patience and evaluations_without_gain(res.history, es.metric, es.threshold) >= es.patience:
             self.say(
                 f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations"
             )
