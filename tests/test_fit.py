@@ -74,9 +74,9 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
     state = json.loads((out / "fit.json").read_text())
     trials = [out / name for name in state["trial_seconds"]]
     assert len(trials) == 2 and all(runs.is_complete(t) for t in trials)
-    for t in trials:  # selection never sees the test rows, and trials skip the baseline
+    for t in trials:  # selection never sees the test rows, and trials skip the baseline and the blend
         metrics = json.loads((t / "metrics.json").read_text())
-        assert "test" not in metrics and "baseline" not in metrics
+        assert "test" not in metrics and "baseline" not in metrics and "blend" not in metrics
     # the best by validation accuracy, a tie broken by the lower validation loss (on a slow machine both tiny
     # recipes can end level on accuracy)
     records = {t.name: read_record(t) for t in trials}
@@ -87,6 +87,8 @@ def test_trials_pick_by_validation_and_the_winner_trains_to_the_deadline(
 
     metrics = json.loads((final / "metrics.json").read_text())
     assert "test" in metrics and "baseline" in metrics
+    # the final run tried a blend with a TF-IDF model (kept or not, said in metrics.json)
+    assert "blend" in metrics and ("val" in metrics["blend"]) == (final / "blend").is_dir()
     trained = metrics["training"]["train_seconds"]
     assert trained == pytest.approx(state["final"]["max_seconds"], abs=1.0)  # the deadline, not the epochs, ended it
     assert metrics["training"]["epochs"] < fit_mod.LONG_ENOUGH

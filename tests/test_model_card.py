@@ -77,6 +77,7 @@ def test_save_names_a_builtin_base_by_hub_id_and_keeps_every_other_field(tiny_ru
         budget=SimpleNamespace(to_dict=lambda: json.loads((tiny_run / "budget.json").read_text())),
         model=SimpleNamespace(save_pretrained=save_pretrained),
         tokenizer=SimpleNamespace(save_pretrained=lambda path: Path(path).mkdir()),
+        blend=None,
     )
     folder = tmp_path / "run"
     folder.mkdir()

@@ -188,6 +188,7 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
         "best_val_loss",
         "val_accuracy",
         "baseline_val_accuracy",
+        "blend_val_accuracy",
         "test_accuracy",
         "wall_time_s",
     ]
@@ -206,8 +207,9 @@ def test_compare_runs(tiny_run, tmp_path, capsys):
         rows[1]["best_val_loss"],
         rows[1]["val_accuracy"],
         rows[1]["baseline_val_accuracy"],
+        rows[1]["blend_val_accuracy"],
         rows[1]["test_accuracy"],
-    ) == ("dora-rslora", "True", "0.9", "0.75", "", "")
+    ) == ("dora-rslora", "True", "0.9", "0.75", "", "", "")
     md = (out / "comparison.md").read_text()
     assert md in printed and "| dora-rslora | True | True |" in md and "| 0.7500 | — | — |" in md
     page = (out / "comparison.html").read_text()

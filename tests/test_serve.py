@@ -679,6 +679,37 @@ def test_a_busy_run_answers_from_its_merged_copy_over_http(tiny_run, tmp_path):
         assert server.stop() == 0
 
 
+def test_a_blended_run_answers_as_predict_beside_one_without(tiny_run, tmp_path):
+    """A run with a blend (lorafit blend) and one without, on one base: each answers with predict's scores."""
+    blended = shutil.copytree(tiny_run, tmp_path / "blended")
+    assert cli(["blend", str(blended)]) == 0
+    server = Server([f"plain={tiny_run}", f"blended={blended}"], tmp_path / "serve.log").wait_ready()
+    try:
+        listing = {r["name"]: r for r in request(server.url + "/v1/runs")[2]["runs"]}
+        weight = json.loads((blended / "metrics.json").read_text())["blend"]["weight"]
+        assert listing["plain"]["blend"] is None and listing["blended"]["blend"]["weight"] == weight
+        texts = [f"Stocks fell sharply on day {i}" for i in range(8)] + ["The striker scored twice"]
+        from lorafit.inference.predict import load
+
+        for name, folder in (("plain", tiny_run), ("blended", blended)):
+            status, _, answer = request(
+                server.url + "/v1/classify", {"run": name, "texts": texts, "probabilities": True}
+            )
+            assert status == 200, answer
+            np.testing.assert_allclose(answer["probabilities"], load(folder).predict_proba(texts), rtol=0, atol=1e-5)
+        plain, mixed = (
+            np.array(
+                request(server.url + "/v1/classify", {"run": n, "texts": texts, "probabilities": True})[2][
+                    "probabilities"
+                ]
+            )
+            for n in ("plain", "blended")
+        )
+        assert not np.allclose(plain, mixed)  # the blend changed the answer
+    finally:
+        assert server.stop() == 0
+
+
 def test_benchmark_rewrites_only_its_section(tmp_path):
     from lorafit.serve.bench import END, START, write_between_markers
 

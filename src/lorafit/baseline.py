@@ -2,7 +2,8 @@
 
 It trains in seconds on the run's own training split (the same texts after the run's preprocessing) and is scored
 on the same validation and test rows, so a run whose adapter does not beat it is plainly not worth its minutes.
-scikit-learn does all of the work; this module only fixes the recipe and the shape of the figures.
+The model and its recipe are blend.TfidfModel's (a run can also blend it with its adapter); this module only
+shapes the figures.
 """
 
 from __future__ import annotations
@@ -11,16 +12,11 @@ import time
 
 import numpy as np
 
+from .blend import TfidfModel
 from .data import Data, Split
 from .metrics import classification_metrics
 
 NAME = "TF-IDF (word 1-2 grams) + linear SVM"
-# The recipe: word uni- and bigrams with sublinear term frequency, terms seen in at least two texts, a linear SVM.
-# It is the usual strong classical text classifier; on held-out AG News rows it matched logistic regression and
-# SGD (docs/accuracy.md) at a third of logistic regression's time.
-NGRAMS = (1, 2)
-MIN_DF = 2
-C = 0.5
 
 
 def _scored(scores: np.ndarray, split: Split, names: list[str]) -> dict:
@@ -29,38 +25,26 @@ def _scored(scores: np.ndarray, split: Split, names: list[str]) -> dict:
     return {k: v for k, v in m.items() if k != "loss"}
 
 
-def fit_and_score(data: Data) -> dict:
-    """Train the baseline on data.train; its metrics on data.val (and data.test when there is one)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.svm import LinearSVC
+def fit(data: Data) -> TfidfModel | None:
+    """The baseline trained on data.train; None when the training split has a single class."""
+    if len(np.unique(data.train.labels)) < 2:
+        return None
+    return TfidfModel.fit(data.train.texts, data.train.labels, len(data.label_names))
 
-    start = time.perf_counter()
+
+def fit_and_score(data: Data, model: TfidfModel | None = None) -> dict:
+    """The baseline's metrics on data.val (and data.test when there is one); `model` is the baseline already
+    trained on data.train (fit), or None to train it here."""
     names = data.label_names
-    vectorizer = TfidfVectorizer(ngram_range=NGRAMS, min_df=MIN_DF, sublinear_tf=True)
-    try:
-        features = vectorizer.fit_transform(data.train.texts)
-    except ValueError:  # too few texts for min_df (a handful of rows): keep every term
-        vectorizer = TfidfVectorizer(ngram_range=NGRAMS, sublinear_tf=True)
-        features = vectorizer.fit_transform(data.train.texts)
-    classes = np.unique(data.train.labels)
     out: dict = {"name": NAME}
-    if len(classes) < 2:
+    model = model or fit(data)
+    if model is None:
         return out | {"skipped": "the training split has a single class"}
-    svm = LinearSVC(C=C).fit(features, data.train.labels)
-
-    def scores(split: Split) -> np.ndarray:
-        # LinearSVC scores only the classes it saw; a class absent from training never wins
-        seen = svm.decision_function(vectorizer.transform(split.texts)).reshape(len(split), -1)
-        if len(classes) == 2:
-            seen = np.stack([-seen[:, 0], seen[:, 0]], axis=1)
-        full = np.full((len(split), len(names)), -1e9)
-        full[:, classes] = seen
-        return full
-
-    out["val"] = _scored(scores(data.val), data.val, names)
+    start = time.perf_counter()
+    out["val"] = _scored(model.scores(data.val.texts), data.val, names)
     if data.test is not None:
-        out["test"] = _scored(scores(data.test), data.test, names)
-    out["train_seconds"] = round(time.perf_counter() - start, 2)
+        out["test"] = _scored(model.scores(data.test.texts), data.test, names)
+    out["train_seconds"] = round(model.fit_seconds + time.perf_counter() - start, 2)  # training and scoring
     return out
 
 

@@ -190,6 +190,25 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def add_blend(sub) -> None:
+    p = sub.add_parser(
+        "blend",
+        help="blend a finished run's adapter with a TF-IDF model (as eval.blend does), kept when more accurate on validation",
+    )
+    p.add_argument("run", type=Path, help=RUN_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, help="override the run's precision")
+    p.set_defaults(fn=cmd_blend)
+
+
+def cmd_blend(a) -> int:
+    from . import blend
+    from .training.blend_run import blend_run
+
+    figures = blend_run(a.run, a.precision)
+    print(blend.summary({"blend": figures}))
+    return 0
+
+
 def add_report(sub) -> None:
     p = sub.add_parser("report", help="rebuild a run's report.html and its PNGs")
     p.add_argument("run", type=Path, help=RUN_HELP)
@@ -258,6 +277,11 @@ def cmd_export(a) -> int:
     if info["preprocess"]:
         print(
             f"note: the run preprocesses texts ({', '.join(info['preprocess'])}); apply the same steps before calling the exported model"
+        )
+    if info["blend_left_out"]:
+        print(
+            "note: the run blends its adapter with a TF-IDF model (blend/), which a transformers model cannot hold: "
+            "the export is the adapter alone, and its predictions are the adapter's, not the run's blend"
         )
     return 0
 
@@ -489,6 +513,11 @@ def add_fit(sub) -> None:
         required=True,
         help="fit folder (a sweep folder: trial runs, final/, results.md); re-running the same command resumes it",
     )
+    p.add_argument(
+        "--no-blend",
+        action="store_true",
+        help="keep the final run's adapter alone (by default it is blended with a TF-IDF model where that is more accurate on validation)",
+    )
     p.set_defaults(fn=cmd_fit)
 
 
@@ -496,7 +525,7 @@ def cmd_fit(a) -> int:
     from .config import load_config
     from .experiments.fit import fit
 
-    fit(load_config(a.config, a.overrides), a.minutes, a.output, a.budget)
+    fit(load_config(a.config, a.overrides), a.minutes, a.output, a.budget, blend=not a.no_blend)
     return 0
 
 
@@ -636,6 +665,7 @@ COMMANDS = (
     add_keys,
     add_predict,
     add_report,
+    add_blend,
     add_compare,
     add_export,
     add_serve,

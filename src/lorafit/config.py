@@ -331,6 +331,10 @@ class EvalConfig(Section):
         True,
         description="Also train a TF-IDF + linear SVM on the same training rows and score it on the same validation and test rows (metrics.json, report, summary, compare); false skips it.",
     )
+    blend: bool = Field(
+        False,
+        description="After training, blend the adapter with a TF-IDF linear model (its weights count toward the budget), weighted as validation picks; kept when more accurate on validation than the adapter alone, and then used by predict, eval and serve.",
+    )
 
     @field_validator("every")
     @classmethod

@@ -273,6 +273,16 @@ def _results_section(metrics: dict, label_names: list[str]) -> list[str]:
             if isinstance(base.get(s), dict)
         ]
         lines += ["", f"Baseline ({base.get('name', 'baseline')}): {', '.join(parts) or 'no figures'}."]
+    blend = metrics.get("blend")
+    if isinstance(blend, dict) and "val" in blend:
+        parts = [f"{name[s]} accuracy {_num(blend[s].get('accuracy'))}" for s in ("val", "test") if s in blend]
+        lines += [
+            "",
+            f"The run blends the adapter with a TF-IDF linear model ({blend['terms']:,} terms, "
+            f"{blend['parameters']:,} parameters, weight {blend['weight']:g}; `blend/`): {', '.join(parts)}. "
+            "lorafit predict, eval and serve answer with the blend; plain peft and a merged export load the adapter "
+            "alone, whose figures are the ones above.",
+        ]
     per_class = [(s, m["per_class"]) for s, m in splits if isinstance(m.get("per_class"), dict)]
     if per_class:
         lines += [

@@ -29,6 +29,7 @@ import numpy as np
 from .. import runs
 from ..atomic import atomic_write_text
 from ..batching import bars_hidden
+from ..blend import summary as blend_summary
 from ..config import Config
 from ..errors import LorafitError
 from ..training.recipe import sharing_inputs
@@ -73,8 +74,8 @@ CHECKPOINT_SECONDS = 120.0  # the final run checkpoints about this often, so a k
 # the best checkpoint) is estimated as a trial's fixed cost times this; above the estimate a fit may overrun by grace().
 OVERHEAD_FACTOR = 1.5
 # Without trials nothing has measured the final run's fixed cost. Its evaluations (validation and test rows) are
-# timed before it starts (_evaluation_seconds); this stands in for the rest: setup, the baseline, saving, the report
-# (grace() covers the error).
+# timed before it starts (_evaluation_seconds); this stands in for the rest: setup, the baseline, the blend (which
+# reuses the baseline's model where it fits the budget), saving, the report (grace() covers the error).
 UNMEASURED_FIXED_SECONDS = 45.0
 PROBE_TEXTS = 256  # validation texts an evaluation is timed on
 # The probe times the base model as `lorafit predict` runs it; a training run's evaluation of its unmerged adapter
@@ -98,6 +99,7 @@ def _trial_settings(seconds: float) -> dict:
         "train.max_seconds": round(seconds, 1),
         "data.test_source": None,  # selection sees validation rows only
         "eval.baseline": False,
+        "eval.blend": False,  # trials compare adapters
         "eval.early_stopping.patience": 0,
         "checkpoint.every": None,
     }
@@ -222,8 +224,11 @@ def _rows(trials: list[tuple[Point, Path]], final: Path, winner: Point) -> tuple
     return rows, keys
 
 
-def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> Path:
-    """Spend `minutes` on trials and the winner's final run in `out`; returns the final run folder."""
+def fit(base: Config, minutes: float, out: Path, budget: int | None = None, blend: bool = True) -> Path:
+    """Spend `minutes` on trials and the winner's final run in `out`; returns the final run folder.
+
+    blend: the final run blends its adapter with a TF-IDF model where that is more accurate on validation
+    (eval.blend); the trials never do, so they compare adapters."""
     if not minutes > 0:
         raise LorafitError(f"--minutes {minutes:g}: expected a positive number of minutes, e.g. --minutes 30")
     if budget is not None:
@@ -305,7 +310,11 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
                 log(
                     f"\n=== fit final: {describe(winner.overrides)} on all training rows, {f['max_seconds']:.0f}s of training"
                 )
-                settings = {"train.max_seconds": f["max_seconds"], "checkpoint.every": f["checkpoint_every"]}
+                settings = {
+                    "train.max_seconds": f["max_seconds"],
+                    "checkpoint.every": f["checkpoint_every"],
+                    "eval.blend": blend,
+                }
                 cfg = _apply(winner.cfg, {"train.epochs": LONG_ENOUGH} | settings)
                 run_one(cfg, final, point=winner.overrides, seed=cfg.train.seed, role="final")
                 state["spent_seconds"] = clock.spent
@@ -317,6 +326,8 @@ def fit(base: Config, minutes: float, out: Path, budget: int | None = None) -> P
         f"fit done in {state['spent_seconds']:.0f}s of {total:.0f}s asked: {describe(winner.overrides)} -> {final} "
         f"(val accuracy {read_record(final)['val_accuracy']:.4f})"
     )
+    if line := blend_summary(json.loads((final / runs.METRICS).read_text())):
+        log(line)
     return final
 
 

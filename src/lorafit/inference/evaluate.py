@@ -14,8 +14,7 @@ def evaluate_run(run: LoadedRun, source: str) -> dict:
     split = to_split(read_table(source, "--data"), run.cfg.data, run.label_names, source)
     for note in split.notes:
         print(f"note: {note}")
-    enc = run.encode(split.texts, split.labels)
-    return classification_metrics(run.predict_logits(enc, "eval"), enc.labels, run.label_names)
+    return classification_metrics(run.classify(split.texts, split.labels, "eval"), split.labels, run.label_names)
 
 
 def format_metrics(m: dict, label_names: list[str]) -> str:

@@ -119,6 +119,7 @@ def export_merged(run_dir: Path, out: Path, overwrite: bool = False) -> dict:
             "preprocess": cfg.data.preprocess,
             "max_abs_logit_diff": diff,
             "probe_texts": len(PROBE_TEXTS),
+            "blend_left_out": run.blend is not None,
         }
         (work / "lorafit_export.json").write_text(json.dumps(info, indent=1))
         if out.exists():

@@ -64,7 +64,7 @@ class Classifier:
         """Logits (rows in input order) for texts already passed through `prepare`."""
         if not texts:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)
-        return self.run.predict_logits(self.run.encode(texts), progress)
+        return self.run.classify(texts, progress=progress)
 
     def logits(self, texts) -> np.ndarray:
         return self.logits_of_prepared(self.prepare(texts))

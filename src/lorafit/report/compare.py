@@ -49,7 +49,15 @@ def _run_labels(folders: list[Path]) -> list[str]:
 
 
 # the result columns after the config keys that differ
-RESULTS = ["trainable_params", "best_val_loss", "val_accuracy", "baseline_val_accuracy", "test_accuracy", "wall_time_s"]
+RESULTS = [
+    "trainable_params",
+    "best_val_loss",
+    "val_accuracy",
+    "baseline_val_accuracy",
+    "blend_val_accuracy",
+    "test_accuracy",
+    "wall_time_s",
+]
 
 
 def _cell(v) -> str:
@@ -77,6 +85,8 @@ def comparison_rows(runs: list[RunFiles], labels: list[str]) -> tuple[list[str],
                 "val_accuracy": m.get("val", {}).get("accuracy"),
                 # the TF-IDF baseline on the same validation rows: the bar a run has to clear
                 "baseline_val_accuracy": m.get("baseline", {}).get("val", {}).get("accuracy"),
+                # the run's blend with a TF-IDF model, where it kept one: what predict answers with
+                "blend_val_accuracy": m.get("blend", {}).get("val", {}).get("accuracy"),
                 "test_accuracy": m.get("test", {}).get("accuracy"),
                 "wall_time_s": tr.get("train_seconds"),
             }
@@ -132,6 +142,7 @@ def compare(paths: list[Path], out: Path) -> tuple[str, list[str]]:
         f"<h1>lorafit: {len(runs)} runs compared</h1>",
         "<p>Config keys that differ between the runs, then the results. Validation accuracy is the best checkpoint's; "
         "baseline_val_accuracy is the TF-IDF + linear SVM baseline's on the same validation rows; "
+        "blend_val_accuracy the run's blend of its adapter with a TF-IDF model, where it kept one; "
         "wall time is the training loop's.</p>",
         table(columns, table_rows, numeric),
         figure_html(png, "Validation loss against epoch", wide=True),

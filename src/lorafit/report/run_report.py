@@ -39,6 +39,19 @@ def _summary_rows(run: RunFiles) -> list[list]:
             rows.append(
                 [f"{split}, baseline", fmt(m.get("samples")), fmt(m.get("accuracy")), fmt(m.get("macro_f1")), "—"]
             )
+    blend = run.metrics.get("blend") or {}
+    for split in ("val", "test"):
+        m = blend.get(split)
+        if m:  # what predict, eval and serve answer with: the adapter blended with a TF-IDF model
+            rows.append(
+                [
+                    f"{split}, blend",
+                    fmt(m.get("samples")),
+                    fmt(m.get("accuracy")),
+                    fmt(m.get("macro_f1")),
+                    fmt(m.get("loss")),
+                ]
+            )
     return rows
 
 

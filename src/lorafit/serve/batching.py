@@ -165,7 +165,8 @@ class Batcher:
         for start in range(0, len(texts), self.max_batch):
             self.on_batch(served.name, min(self.max_batch, len(texts) - start))
         enc = run.encode(texts)
-        return predict_logits(run.model, enc, self.max_batch, run.tokenizer.pad_token_id, run.device, run.dtype)
+        logits = predict_logits(run.model, enc, self.max_batch, run.tokenizer.pad_token_id, run.device, run.dtype)
+        return run.blended(texts, logits)
 
 
 def _set(future: asyncio.Future, result) -> None:

@@ -58,6 +58,14 @@ class ServedRun:
             "max_length": cfg.model.max_length,
             "text_columns": list(cfg.data.text_columns),
             "precision": str(self.run.dtype).replace("torch.", ""),
+            # a run that answers with its adapter blended with a TF-IDF model, as lorafit predict does
+            "blend": None
+            if self.run.blend is None
+            else {
+                "weight": self.run.blend.weight,
+                "terms": self.run.blend.model.terms,
+                "parameters": self.run.blend.model.parameters,
+            },
         }
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import baseline, model_card, runs
+from .. import blend as blend_mod
 from .. import budget as budget_mod
 from ..atomic import atomic_write_text
 from ..batching import Encoded, bars_are_hidden, collate, encode, predict_logits, train_batches
@@ -57,6 +58,7 @@ class Setup:
     test_enc: Encoded | None
     frozen_prefix: FrozenPrefix | None = None  # the kept outputs of the frozen lower layers (cache_frozen_layers)
     dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's place in a multi-process run
+    blend: blend_mod.Blend | None = None  # the adapter's blend with a TF-IDF model, when eval.blend kept one
 
 
 def check_budget(cfg: Config, num_labels: int) -> budget_mod.Budget:
@@ -492,6 +494,7 @@ def final_metrics(s: Setup, res: Result) -> dict:
     val = evaluate(s, s.val_enc, "eval val")
     val_seconds = time.perf_counter() - started  # lets `lorafit fit` foresee what scoring more rows costs
     out = {"val": {k: v for k, v in val.items() if k != "_logits"}}
+    test = None
     if s.test_enc is not None:
         test = evaluate(s, s.test_enc, "eval test")
         out["test"] = {k: v for k, v in test.items() if k != "_logits"}
@@ -513,8 +516,21 @@ def final_metrics(s: Setup, res: Result) -> dict:
     }
     if s.dist.active:
         out["training"]["processes"] = s.dist.world
-    if s.cfg.eval.baseline and s.dist.main:  # the other processes would only repeat it
-        out["baseline"] = baseline.fit_and_score(s.data)
+    # the other processes would only repeat these; the blend starts from the baseline where it fits the budget
+    tfidf = baseline.fit(s.data) if s.dist.main and (s.cfg.eval.baseline or s.cfg.eval.blend) else None
+    if s.cfg.eval.baseline and s.dist.main:
+        out["baseline"] = baseline.fit_and_score(s.data, tfidf)
+    if s.cfg.eval.blend and s.dist.main:
+        d = s.data
+        s.blend, out["blend"] = blend_mod.make(
+            d.train.texts,
+            d.train.labels,
+            (d.val.texts, d.val.labels, val["_logits"]),
+            (d.test.texts, d.test.labels, test["_logits"]) if test is not None else None,
+            d.label_names,
+            s.budget.margin,
+            tfidf,
+        )
     res.metrics = out
     return out
 
@@ -534,6 +550,8 @@ def save(s: Setup, res: Result, folder: Path) -> None:
     (folder / runs.BUDGET).write_text(json.dumps(s.budget.to_dict(), indent=1))
     (folder / runs.METRICS).write_text(json.dumps(res.metrics, indent=1))
     s.model.save_pretrained(folder / runs.ADAPTER)
+    if s.blend is not None:
+        blend_mod.save(s.blend, folder)
     model_card.name_base_by_hub_id(folder, s.cfg.model.name)
     model_card.write_model_card(folder)
     s.tokenizer.save_pretrained(folder / runs.TOKENIZER)
@@ -596,6 +614,8 @@ def run(cfg: Config, out: Path, on_eval=None, resume: bool = False) -> Result:
     d.stop()
     log(summary_line(res, out))
     if line := baseline.verdict(res.metrics):
+        log(line)
+    if line := blend_mod.summary(res.metrics):
         log(line)
     log(f"accuracy: {res.metrics['val']['accuracy']:.4f}")
     return res
