@@ -121,3 +121,12 @@ def test_a_broken_blend_or_folder_fails_in_one_line(tiny_run, tmp_path, capsys):
     assert cli(["blend", str(tmp_path / "nowhere")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not found" in err
+
+
+def test_runs_blended_on_the_same_rows_share_one_vocabulary(tiny_run, tmp_path):
+    """A server of many blended runs holds each distinct vocabulary once: it is most of a blend's memory."""
+    a, b = (shutil.copytree(tiny_run, tmp_path / name) for name in ("a", "b"))
+    assert cli(["blend", str(a)]) == 0 and cli(["blend", str(b)]) == 0
+    first, second = load_run(a), load_run(b)
+    assert first.blend is not None and first.blend.model.vectorizer is second.blend.model.vectorizer
+    assert first.blend.model.coef is not second.blend.model.coef  # the weights stay each run's own

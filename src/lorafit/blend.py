@@ -14,6 +14,7 @@ scikit-learn fits and applies the model; it is saved as JSON and safetensors (ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -108,13 +109,28 @@ class TfidfModel:
     @classmethod
     def load(cls, folder: Path, num_labels: int) -> TfidfModel:
         from safetensors.numpy import load_file
-        from sklearn.feature_extraction.text import TfidfVectorizer
 
         tensors = load_file(str(folder / "tfidf.safetensors"))
-        vocabulary = json.loads((folder / "vocabulary.json").read_text())
-        vec = TfidfVectorizer(ngram_range=NGRAMS, sublinear_tf=True, vocabulary=vocabulary)
-        vec.idf_ = tensors["idf"]
+        vec = _vectorizer((folder / "vocabulary.json").read_bytes(), tensors["idf"])
         return cls(vec, tensors["coef"], tensors["intercept"], tensors["classes"], num_labels)
+
+
+# Vectorizers loaded so far, by content. The vocabulary (a dict of every term) is most of a loaded blend's memory,
+# and runs blended on the same training rows within the same budget have the same one: a server of such runs holds
+# it once. A vectorizer is only read once built.
+_VECTORIZERS: dict[str, object] = {}
+
+
+def _vectorizer(vocabulary: bytes, idf: np.ndarray):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    key = hashlib.sha256(vocabulary + idf.tobytes()).hexdigest()
+    if key not in _VECTORIZERS:
+        vec = TfidfVectorizer(ngram_range=NGRAMS, sublinear_tf=True, vocabulary=json.loads(vocabulary))
+        vec.idf_ = idf
+        vec.transform([""])  # settles the vocabulary check transform makes on first use, so that later calls only read
+        _VECTORIZERS[key] = vec
+    return _VECTORIZERS[key]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

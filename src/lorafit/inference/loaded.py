@@ -16,7 +16,6 @@ import torch
 
 from .. import runs
 from ..batching import Encoded, encode, predict_logits
-from ..blend import FOLDER as BLEND_FOLDER
 from ..blend import Blend
 from ..blend import load as load_blend
 from ..config import Config
@@ -43,11 +42,12 @@ class LoadedRun:
     dtype: torch.dtype
     shares_base: bool = field(default=False)  # its frozen base weights are shared with other loaded runs
     merged: bool = field(default=False)  # its adapter is merged into its own copy of the layers it adapts
-    # the run's blend of its adapter with a TF-IDF model (blend/ in the folder), read with the run
+    # the run's blend of its adapter with a TF-IDF model (blend/ in the folder), read with the run; runs with the
+    # same vocabulary share it (blend.TfidfModel.load)
     blend: Blend | None = field(default=None, init=False)
 
     def __post_init__(self):
-        self.blend = _blend_of(self.folder, len(self.label_names))
+        self.blend = load_blend(self.folder, len(self.label_names))
 
     def encode(self, texts: list[str], labels: np.ndarray | None = None) -> Encoded:
         """The run's tokenisation of model input strings (already joined and preprocessed)."""
@@ -69,19 +69,6 @@ class LoadedRun:
         """The run's logits for model input strings (already joined and preprocessed), in input order: the
         adapter's, blended where the run has a blend. What predict, eval and serve answer with."""
         return self.blended(texts, self.predict_logits(self.encode(texts, labels), progress))
-
-
-# blends read so far, by folder and the time blend/ was written: a server's merged copy of a run (another LoadedRun
-# of the same folder) shares the run's blend instead of holding a second vocabulary
-_BLENDS: dict[tuple[str, int], Blend | None] = {}
-
-
-def _blend_of(folder: Path, num_labels: int) -> Blend | None:
-    marker = Path(folder) / BLEND_FOLDER
-    key = (str(marker.resolve()), marker.stat().st_mtime_ns if marker.exists() else 0)
-    if key not in _BLENDS:
-        _BLENDS[key] = load_blend(folder, num_labels)
-    return _BLENDS[key]
 
 
 def load_run(folder: Path, precision: str | None = None, merge: bool = False) -> LoadedRun:
