@@ -58,7 +58,7 @@ def test_the_linear_model_fits_what_the_budget_leaves(news):
     assert none is None and "fewer than 1,000" in figures["skipped"]
 
 
-def test_a_run_trained_with_blend_predicts_and_evaluates_with_it(tiny_bert, ag_sample, tmp_path):
+def test_a_run_trained_with_blend_predicts_and_evaluates_with_it(tiny_bert, ag_sample, tmp_path, capsys):
     data = tmp_path / "small.csv"
     ag_sample.groupby("label", group_keys=False).head(60).reset_index(drop=True).to_csv(data, index=False)
     cfg = load_config(
@@ -91,7 +91,9 @@ def test_a_run_trained_with_blend_predicts_and_evaluates_with_it(tiny_bert, ag_s
     assert (classifier.logits(val.texts).argmax(1) == val.labels).mean() == pytest.approx(figures["val"]["accuracy"])
     # lorafit eval on the training file scores the blend, as metrics.json's test figures do (test = the same file)
     out = tmp_path / "eval.json"
+    capsys.readouterr()
     assert cli(["eval", str(folder), "--data", str(data), "--json", str(out)]) == 0
+    assert "note: the run answers with its adapter blended with a TF-IDF model" in capsys.readouterr().out
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(figures["test"]["accuracy"])
     assert "blend" in (folder / "adapter" / "README.md").read_text()
 

@@ -151,6 +151,14 @@ class Blend:
         return (log_softmax(adapter_logits) + self.weight * self.model.scores(texts)).astype(np.float32)
 
 
+def note(blend: Blend) -> str:
+    """What a run with a blend answers with, in a few words, for predict's and eval's output."""
+    return (
+        f"the run answers with its adapter blended with a TF-IDF model (weight {blend.weight:g}, "
+        f"{blend.model.terms:,} terms; blend/)"
+    )
+
+
 def choose_weight(adapter_logits: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
     """The weight of WEIGHTS whose blend is most accurate on these (validation) rows; the smallest among equals."""
     base = log_softmax(adapter_logits)

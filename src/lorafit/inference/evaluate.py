@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..blend import note as blend_note
 from ..data import read_table, to_split
 from ..metrics import classification_metrics
 from .loaded import LoadedRun, load_run
@@ -37,6 +38,8 @@ def main(run_dir: Path, data: str, json_out: Path | None, precision: str | None)
     import json
 
     run = load_run(run_dir, precision, merge=True)
+    if run.blend is not None:
+        print(f"note: {blend_note(run.blend)}")
     m = evaluate_run(run, data)
     print(format_metrics(m, run.label_names))
     if json_out:

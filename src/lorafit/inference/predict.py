@@ -16,6 +16,7 @@ import pandas as pd
 
 from .. import preprocess, runs
 from ..atomic import atomic_write
+from ..blend import note as blend_note
 from ..data import join_texts, read_table, to_split
 from ..errors import LorafitError
 from .loaded import LoadedRun, load_run
@@ -293,6 +294,8 @@ def main(
     clf = load(run_dir, precision)
     if empty:
         note(f"note: {where}: {empty} of {len(df)} rows have empty text; they get the model's guess for an empty text")
+    if clf.run.blend is not None:
+        note(f"note: {blend_note(clf.run.blend)}")
     start = time.perf_counter()
     logits = clf.logits_of_prepared(texts, "predict")
     seconds = time.perf_counter() - start
