@@ -78,6 +78,12 @@ def test_a_run_trained_with_blend_predicts_and_evaluates_with_it(tiny_bert, ag_s
     # the tiny model learns next to nothing in 12 steps; the linear model does: the blend is kept
     assert figures["weight"] > 0 and (folder / "blend" / "tfidf.safetensors").is_file()
     assert figures["val"]["accuracy"] > metrics["val"]["accuracy"]
+    # the temperature is the one of the lowest validation loss: calibrated scores, the same labels
+    raw = blend.Blend(blend.TfidfModel.load(folder / "blend", 4), figures["weight"])
+    data_val = load_data(cfg.data, cfg.train.seed).val
+    adapter_val = load_run(folder, merge=True)
+    raw_logits = raw.logits(data_val.texts, adapter_val.predict_logits(adapter_val.encode(data_val.texts)))
+    assert figures["temperature"] == pytest.approx(blend.choose_temperature(raw_logits, data_val.labels), rel=1e-3)
     budget = json.loads((folder / "budget.json").read_text())
     assert budget["total"] + figures["parameters"] <= cfg.budget.max_trainable
 
@@ -86,7 +92,8 @@ def test_a_run_trained_with_blend_predicts_and_evaluates_with_it(tiny_bert, ag_s
     val = load_data(cfg.data, cfg.train.seed).val
     adapter_only = load_run(folder, merge=True)
     adapter_logits = adapter_only.predict_logits(adapter_only.encode(val.texts))
-    expected = blend.log_softmax(adapter_logits) + figures["weight"] * classifier.run.blend.model.scores(val.texts)
+    blended = blend.log_softmax(adapter_logits) + figures["weight"] * classifier.run.blend.model.scores(val.texts)
+    expected = blended / figures["temperature"]
     np.testing.assert_allclose(classifier.logits(val.texts), expected, rtol=0, atol=1e-5)
     assert (classifier.logits(val.texts).argmax(1) == val.labels).mean() == pytest.approx(figures["val"]["accuracy"])
     # lorafit eval on the training file scores the blend, as metrics.json's test figures do (test = the same file)
@@ -132,3 +139,16 @@ def test_runs_blended_on_the_same_rows_share_one_vocabulary(tiny_run, tmp_path):
     first, second = load_run(a), load_run(b)
     assert first.blend is not None and first.blend.model.vectorizer is second.blend.model.vectorizer
     assert first.blend.model.coef is not second.blend.model.coef  # the weights stay each run's own
+
+
+def test_the_temperature_calibrates_without_changing_labels():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 400)
+    logits = rng.normal(size=(400, 4))
+    logits[np.arange(300), labels[:300]] += 2.0  # right on three rows of four, but four times too sure of itself
+    logits *= 4
+    t = blend.choose_temperature(logits, labels)
+    assert t > 2  # it softens over-confident scores
+    from lorafit.metrics import cross_entropy
+
+    assert cross_entropy((logits / t).astype(np.float32), labels) < cross_entropy(logits.astype(np.float32), labels)
