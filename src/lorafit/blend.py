@@ -139,9 +139,9 @@ def _vectorizer(vocabulary: bytes, idf: np.ndarray):
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    from scipy.special import log_softmax as scipy_log_softmax  # scipy comes with scikit-learn
+
+    return scipy_log_softmax(logits.astype(np.float64), axis=-1)
 
 
 @dataclass
@@ -155,8 +155,12 @@ class Blend:
         divided by `temperature`."""
         if not len(texts):
             return adapter_logits
-        blended = log_softmax(adapter_logits) + self.weight * self.model.scores(texts)
-        return (blended / self.temperature).astype(np.float32)
+        return combine(adapter_logits, self.model.scores(texts), self.weight, self.temperature)
+
+
+def combine(adapter_logits: np.ndarray, scores: np.ndarray, weight: float, temperature: float = 1.0) -> np.ndarray:
+    """The blend of an adapter's logits and the linear model's scores for the same rows (Blend.logits)."""
+    return ((log_softmax(adapter_logits) + weight * scores) / temperature).astype(np.float32)
 
 
 def note(blend: Blend) -> str:
@@ -169,8 +173,7 @@ def note(blend: Blend) -> str:
 
 def choose_weight(adapter_logits: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
     """The weight of WEIGHTS whose blend is most accurate on these (validation) rows; the smallest among equals."""
-    base = log_softmax(adapter_logits)
-    accuracy = [float(((base + w * scores).argmax(-1) == labels).mean()) for w in WEIGHTS]
+    accuracy = [float((combine(adapter_logits, scores, w).argmax(-1) == labels).mean()) for w in WEIGHTS]
     return WEIGHTS[int(np.argmax(accuracy))]
 
 
@@ -206,18 +209,18 @@ def make(
     else:
         model = TfidfModel.fit(train_texts, train_labels, classes, max_terms)
     texts, labels, logits = val
-    weight = choose_weight(logits, model.scores(texts), labels)
+    scores = model.scores(texts)  # the validation rows' scores, read by every choice below
+    weight = choose_weight(logits, scores, labels)
     out = {"weight": weight, "terms": model.terms, "parameters": model.parameters}
     if weight == 0.0:
         out["skipped"] = "the adapter alone is as accurate on validation"
         return None, out
-    blended = Blend(model, weight).logits(texts, logits)
-    blend = Blend(model, weight, choose_temperature(blended, labels))
+    blend = Blend(model, weight, choose_temperature(combine(logits, scores, weight), labels))
     out["temperature"] = blend.temperature
-    for split, rows in (("val", val), ("test", test)):
-        if rows is not None:
-            texts, labels, logits = rows
-            out[split] = classification_metrics(blend.logits(texts, logits), labels, label_names)
+    out["val"] = classification_metrics(combine(logits, scores, weight, blend.temperature), labels, label_names)
+    if test is not None:
+        texts, labels, logits = test
+        out["test"] = classification_metrics(blend.logits(texts, logits), labels, label_names)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return blend, out
 
