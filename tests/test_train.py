@@ -72,8 +72,8 @@ def test_run_folder_has_every_artifact(tiny_bert, small_csv, tmp_path):
 def test_reloaded_run_predicts_like_the_trained_model(tiny_bert, small_csv, tmp_path, extra):
     cfg = tiny_cfg(tiny_bert, small_csv, *extra)
     s = setup(cfg)
-    res = train(s)
-    final_metrics(s, res)
+    res, val = train(s)
+    final_metrics(s, res, val)
     in_memory = evaluate(s, s.test_enc)["_logits"]
     save(s, res, tmp_path)
     loaded = load_run(tmp_path)
@@ -109,7 +109,7 @@ def test_early_stopping_restores_the_best_step(tiny_bert, small_csv, monkeypatch
         "eval.early_stopping.threshold=0.02",
     )
     s = setup(cfg)
-    res = train(s)
+    res, val = train(s)
     # two evaluations without a gain of more than 0.02 over the best before them: stopped after the third
     assert res.stopped_early and res.steps == 3
     # step 2 is kept (a threshold that also picked the weights would have kept step 1)
@@ -117,6 +117,24 @@ def test_early_stopping_restores_the_best_step(tiny_bert, small_csv, monkeypatch
     now = {n: p for n, p in s.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(now[n], w) for n, w in weights[2].items())
     assert not all(torch.equal(now[n], w) for n, w in weights[3].items())  # the weights did move after step 2
+    assert val["loss"] == 0.99  # the final metrics are handed step 2's evaluation, not the last one
+
+
+def test_the_final_metrics_reuse_the_evaluation_of_the_weights_kept(tiny_bert, small_csv, monkeypatch):
+    """The loop has scored the weights training ends with (the last evaluation's, or the best one's, restored): the
+    final metrics take those figures, which are exactly what scoring the weights again gives, instead of scoring
+    them again."""
+    from lorafit.training import recipe
+
+    s = setup(tiny_cfg(tiny_bert, small_csv, "train.max_steps=6", "eval.every=3"))
+    res, val = train(s)
+    np.testing.assert_array_equal(val["_logits"], evaluate(s, s.val_enc)["_logits"])
+    scored = []
+    real_evaluation = recipe.evaluate
+    monkeypatch.setattr(recipe, "evaluate", lambda s, enc, desc=None: scored.append(desc) or real_evaluation(s, enc))
+    metrics = final_metrics(s, res, val)
+    assert "eval val" not in scored and metrics["val"]["loss"] == val["loss"]
+    assert metrics["training"]["val_eval_seconds"] > 0
 
 
 def test_patience_counts_from_the_last_gain_larger_than_the_threshold():
@@ -140,7 +158,7 @@ def test_schedules_warm_up_then_follow_their_shape(tiny_bert, small_csv, schedul
         "train.warmup_ratio=0.2",
         "eval.early_stopping.patience=0",
     )
-    res = train(setup(cfg))
+    res, _ = train(setup(cfg))
     lrs = [h["lr"] for h in res.history]
     peak = 5e-3
     assert lrs[0] < peak and max(lrs) == pytest.approx(peak)  # warm-up reaches the peak
@@ -190,8 +208,8 @@ def test_same_seed_gives_the_same_metrics(tiny_bert, small_csv):
 
     def trained(*extra):
         s = setup(tiny_cfg(tiny_bert, small_csv, "lora.dropout=0.3", *extra))
-        res = train(s)
-        final_metrics(s, res)
+        res, val = train(s)
+        final_metrics(s, res, val)
         weights = {n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad}
         return res, weights
 

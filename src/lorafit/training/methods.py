@@ -24,8 +24,9 @@ class MethodSteps:
     def after_step(self, step: int) -> None:
         """After the optimizer step `step` (counted from 0), before the gradients are cleared."""
 
-    def finish(self) -> None:
-        """Once training has ended and the best weights are back."""
+    def finish(self) -> bool:
+        """Once training has ended and the best weights are back. Returns whether it changed the weights."""
+        return False
 
     def ranks(self) -> dict[str, int] | None:
         return None
@@ -70,11 +71,13 @@ class AdaLoraSteps(MethodSteps):
     def after_step(self, step: int) -> None:
         self.tuner.update_and_allocate(step)
 
-    def finish(self) -> None:
+    def finish(self) -> bool:
         """The best weights may come from before the last cut: mask them with the final ranks, which are the ones the
         saved adapter keeps (peft resizes it to them), so the model in memory is the model saved."""
-        if self.config.rank_pattern:
-            self.tuner.rankallocator.mask_using_rank_pattern(self.tuner.model, self.config.rank_pattern)
+        if not self.config.rank_pattern:
+            return False
+        self.tuner.rankallocator.mask_using_rank_pattern(self.tuner.model, self.config.rank_pattern)
+        return True
 
     def ranks(self) -> dict[str, int] | None:
         """Each adapted module's allocated rank (None before the first allocation)."""

@@ -269,6 +269,10 @@ class Loop:
         self.state = TrainingState(optimizer, schedule, trainable, method=self.method)
         self.start = time.perf_counter()
         self.say = log
+        # The validation scores of the best weights (with the seconds they took), while nothing has changed those
+        # weights since: the final metrics then reuse them instead of scoring the same weights again. Not in
+        # checkpoints: a resumed run that restores earlier best weights scores them again.
+        self.best_val: dict | None = None
 
     @property
     def elapsed(self) -> float:
@@ -369,7 +373,8 @@ class Loop:
         """Score validation, record the history row, keep the best weights, decide on early stopping."""
         s, st = self.s, self.state
         p, res, es = st.progress, st.result, s.cfg.eval.early_stopping
-        val = evaluate(s, s.val_enc, "eval")
+        started = time.perf_counter()
+        val = evaluate(s, s.val_enc, "eval") | {"seconds": time.perf_counter() - started}
         if not math.isfinite(val["loss"]):
             raise _numerical_fault(s, "validation loss", val["loss"], p.step, epoch, self.checkpoints)
         row = {
@@ -397,6 +402,7 @@ class Loop:
         if _improved(es.metric, row[es.metric], res.best_value):
             res.best_value, res.best_step = row[es.metric], p.step
             st.best = {k: v.detach().clone() for k, v in st.trainable.items()}
+            self.best_val = val
         if es.patience and evaluations_without_gain(res.history, es.metric, es.threshold) >= es.patience:
             self.say(
                 f"early stopping: {es.metric} has not improved by more than {es.threshold} for {es.patience} evaluations"
@@ -454,7 +460,8 @@ class Loop:
         st.result.steps = p.step
         st.result.train_seconds = self.elapsed
         self.restore_best()
-        self.method.finish()
+        if self.method.finish():  # the weights changed after their last evaluation
+            self.best_val = None
         st.result.adapter_ranks = self.method.ranks()
         return st.result
 
@@ -474,8 +481,9 @@ def train(
     on_eval=None,
     checkpoints: Checkpoints | None = None,
     resume: dict | None = None,
-) -> Result:
-    """Train the set-up model (see Loop); with `resume`, continue from that loaded checkpoint."""
+) -> tuple[Result, dict | None]:
+    """Train the set-up model (see Loop); with `resume`, continue from that loaded checkpoint. Returns the result
+    and, where this process evaluated the weights it ends with, that validation evaluation."""
     d = s.dist
     loop = Loop(s, history_path, on_eval, checkpoints)
     if d.active:
@@ -486,13 +494,16 @@ def train(
     if resume is not None:
         loop.resume_from(resume)
     loop.announce()
-    return loop.run()
+    result = loop.run()
+    return result, loop.best_val
 
 
-def final_metrics(s: Setup, res: Result) -> dict:
-    started = time.perf_counter()
-    val = evaluate(s, s.val_enc, "eval val")
-    val_seconds = time.perf_counter() - started  # lets `lorafit fit` foresee what scoring more rows costs
+def final_metrics(s: Setup, res: Result, val: dict | None = None) -> dict:
+    """The run's figures, from the weights training ended with; `val`: their validation evaluation, if known."""
+    if val is None:
+        started = time.perf_counter()
+        val = evaluate(s, s.val_enc, "eval val") | {"seconds": time.perf_counter() - started}
+    val_seconds = val.pop("seconds")  # lets `lorafit fit` foresee what scoring more rows costs
     out = {"val": {k: v for k, v in val.items() if k != "_logits"}}
     test = None
     if s.test_enc is not None:
@@ -603,8 +614,8 @@ def run(cfg: Config, out: Path, on_eval=None, resume: bool = False) -> Result:
         work, state = d.on_main(enter_folder)  # the checkpoint reaches every process from rank 0
         work = work if d.main else None
         checkpoints = Checkpoints(work, every, keep) if work else None
-        res = train(s, work / runs.HISTORY if work else None, on_eval, checkpoints, state)
-        final_metrics(s, res)
+        res, val = train(s, work / runs.HISTORY if work else None, on_eval, checkpoints, state)
+        final_metrics(s, res, val)
 
         def write_run():
             save(s, res, work)
