@@ -503,8 +503,8 @@ def final_metrics(s: Setup, res: Result, val: dict | None = None) -> dict:
     if val is None:
         started = time.perf_counter()
         val = evaluate(s, s.val_enc, "eval val") | {"seconds": time.perf_counter() - started}
-    val_seconds = val.pop("seconds")  # lets `lorafit fit` foresee what scoring more rows costs
-    out = {"val": {k: v for k, v in val.items() if k != "_logits"}}
+    val_seconds = val["seconds"]  # lets `lorafit fit` foresee what scoring more rows costs
+    out = {"val": {k: v for k, v in val.items() if k not in ("_logits", "seconds")}}
     test = None
     if s.test_enc is not None:
         test = evaluate(s, s.test_enc, "eval test")
