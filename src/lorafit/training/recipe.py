@@ -182,9 +182,16 @@ def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
             progress if s.dist.main else None,
         )
 
+    started = time.perf_counter()
     # several processes: each scores a share
     logits = s.dist.gather_rows(enc, predict) if s.dist.active else predict(enc)
-    return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits}
+    seconds = time.perf_counter() - started
+    return classification_metrics(logits, enc.labels, s.data.label_names) | {"_logits": logits, "seconds": seconds}
+
+
+def _figures(evaluation: dict) -> dict:
+    """An evaluation's figures as metrics.json keeps them: without its logits and its timing."""
+    return {k: v for k, v in evaluation.items() if k not in ("_logits", "seconds")}
 
 
 def _improved(metric: str, value: float, best: float | None, threshold: float = 0.0) -> bool:
@@ -373,8 +380,7 @@ class Loop:
         """Score validation, record the history row, keep the best weights, decide on early stopping."""
         s, st = self.s, self.state
         p, res, es = st.progress, st.result, s.cfg.eval.early_stopping
-        started = time.perf_counter()
-        val = evaluate(s, s.val_enc, "eval") | {"seconds": time.perf_counter() - started}
+        val = evaluate(s, s.val_enc, "eval")
         if not math.isfinite(val["loss"]):
             raise _numerical_fault(s, "validation loss", val["loss"], p.step, epoch, self.checkpoints)
         row = {
@@ -501,14 +507,12 @@ def train(
 def final_metrics(s: Setup, res: Result, val: dict | None = None) -> dict:
     """The run's figures, from the weights training ended with; `val`: their validation evaluation, if known."""
     if val is None:
-        started = time.perf_counter()
-        val = evaluate(s, s.val_enc, "eval val") | {"seconds": time.perf_counter() - started}
-    val_seconds = val["seconds"]  # lets `lorafit fit` foresee what scoring more rows costs
-    out = {"val": {k: v for k, v in val.items() if k not in ("_logits", "seconds")}}
+        val = evaluate(s, s.val_enc, "eval val")
+    out = {"val": _figures(val)}
     test = None
     if s.test_enc is not None:
         test = evaluate(s, s.test_enc, "eval test")
-        out["test"] = {k: v for k, v in test.items() if k != "_logits"}
+        out["test"] = _figures(test)
     out["training"] = {
         "steps": res.steps,
         "epochs": res.epochs_run,
@@ -519,7 +523,7 @@ def final_metrics(s: Setup, res: Result, val: dict | None = None) -> dict:
         "train_samples_per_s": round(
             res.steps * s.cfg.train.batch_size * s.dist.world * s.cfg.train.grad_accum / max(res.train_seconds, 1e-9), 2
         ),
-        "val_eval_seconds": round(val_seconds, 2),
+        "val_eval_seconds": round(val["seconds"], 2),  # lets `lorafit fit` foresee what scoring more rows costs
         "trainable_parameters": s.budget.total,
         **({"adapter_ranks": res.adapter_ranks} if res.adapter_ranks else {}),
         "precision": str(s.dtype).replace("torch.", ""),
