@@ -184,6 +184,31 @@ def tiny_run(tiny_bert, ag_sample, tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="session")
+def minilm_run(tmp_path_factory) -> SimpleNamespace:
+    """The real embedded MiniLM trained briefly through the CLI (480 AG News rows, 30 steps, the test sample
+    scored), shared by the train and predict tests, which only read it: `folder`, the CLI's `stdout`, `metrics`."""
+    import json
+
+    out = tmp_path_factory.mktemp("minilm-run") / "run"
+    settings = ["data.max_train_samples=480", "train.max_steps=30", "train.lr=2e-3"]
+    args = [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "train",
+        "-o",
+        str(out),
+        "--set",
+        "data.test_source=builtin:ag_news_sample_test",
+    ]
+    for setting in settings:
+        args += ["--set", setting]
+    p = run_child(args, "lorafit train on the embedded MiniLM", 540)  # under the per-test 600 s
+    assert p.returncode == 0, p.stderr[-2000:]
+    return SimpleNamespace(folder=out, stdout=p.stdout, metrics=json.loads((out / "metrics.json").read_text()))
+
+
 # Comparing runs: everything but the wall-clock fields must match (tests/test_resume.py, tests/test_distributed.py).
 TIMING_KEYS = {"elapsed_s", "train_seconds", "train_samples_per_s", "val_eval_seconds"}
 

@@ -329,20 +329,17 @@ def test_import_lorafit_stays_cheap():
 
 
 @pytest.mark.slow
-def test_embedded_minilm_predict_equals_eval_and_exports(tmp_path, ag_sample, capsys):
+def test_embedded_minilm_predict_equals_eval_and_exports(minilm_run, tmp_path, capsys):
     """The real MiniLM at its default precision: predict and eval agree on 2,000 held-out rows; the export matches."""
-    from lorafit.config import load_config
     from lorafit.data import builtin_path
     from lorafit.inference.export import export_merged
-    from lorafit.training.recipe import run
 
-    run(load_config(None, ["data.max_train_samples=480", "train.max_steps=30", "train.lr=2e-3"]), tmp_path / "run")
     data = tmp_path / "test.parquet"
     pd.read_parquet(builtin_path("builtin:ag_news_sample_test")).to_parquet(data)
-    assert predict(tmp_path / "run", data, tmp_path / "pred.csv", "--labels", "ids") == 0
-    assert cli(["eval", str(tmp_path / "run"), "--data", str(data), "--json", str(tmp_path / "m.json")]) == 0
+    assert predict(minilm_run.folder, data, tmp_path / "pred.csv", "--labels", "ids") == 0
+    assert cli(["eval", str(minilm_run.folder), "--data", str(data), "--json", str(tmp_path / "m.json")]) == 0
     truth = pd.read_parquet(data)["label"]
     pred = pd.read_csv(tmp_path / "pred.csv")["label"]
     m = json.loads((tmp_path / "m.json").read_text())
     assert (pred == truth).mean() == m["accuracy"] > 0.6
-    assert export_merged(tmp_path / "run", tmp_path / "merged")["max_abs_logit_diff"] < 1e-4
+    assert export_merged(minilm_run.folder, tmp_path / "merged")["max_abs_logit_diff"] < 1e-4
