@@ -191,17 +191,13 @@ def minilm_run(tmp_path_factory) -> SimpleNamespace:
     import json
 
     out = tmp_path_factory.mktemp("minilm-run") / "run"
-    settings = ["data.max_train_samples=480", "train.max_steps=30", "train.lr=2e-3"]
-    args = [
-        sys.executable,
-        "-m",
-        "lorafit",
-        "train",
-        "-o",
-        str(out),
-        "--set",
+    args = [sys.executable, "-m", "lorafit", "train", "-o", str(out)]
+    settings = (
+        "data.max_train_samples=480",
+        "train.max_steps=30",
+        "train.lr=2e-3",
         "data.test_source=builtin:ag_news_sample_test",
-    ]
+    )
     for setting in settings:
         args += ["--set", setting]
     p = run_child(args, "lorafit train on the embedded MiniLM", 540)  # under the per-test 600 s
