@@ -50,6 +50,12 @@ class ModelConfig(Section):
         "default",
         description="default: the model's own classification head; linear: one Linear on the first token (fewer parameters for RoBERTa-like models); mean: one Linear on the mean of the token states (how sentence encoders such as all-MiniLM-L6-v2 were trained; BERT and RoBERTa types).",
     )
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Dropout inside the base model while training (hidden states, attention probabilities, the classification head); null keeps the model's own (0.1 for BERT, RoBERTa and MiniLM). LoRA's own is lora.dropout.",
+    )
 
 
 class DataConfig(Section):

@@ -272,12 +272,37 @@ def apply_head(model: nn.Module, head: str) -> nn.Module:
     return model
 
 
+# The names transformers' encoder configs give their dropout rates (BERT/RoBERTa; DistilBERT).
+DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "dropout",
+    "attention_dropout",
+    "seq_classif_dropout",
+)
+
+
+def set_dropout(model_cfg, p: float) -> None:
+    """Set every dropout rate the architecture config has to p (the modules are built from these)."""
+    found = [key for key in DROPOUT_KEYS if hasattr(model_cfg, key)]
+    if not found:
+        raise LorafitError(
+            f"model.dropout is set but the {model_cfg.model_type!r} config has none of the dropout settings lorafit "
+            f"knows ({', '.join(DROPOUT_KEYS)}); leave model.dropout null for this model"
+        )
+    for key in found:
+        setattr(model_cfg, key, p)
+
+
 def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = None, weights: bool = True) -> nn.Module:
     """The base classifier with its head. weights=False builds it on the meta device (no memory, no download)."""
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
     model_cfg = load_model_config(cfg.model.name, num_labels, label_names)
+    if cfg.model.dropout is not None:
+        set_dropout(model_cfg, cfg.model.dropout)
     if not weights:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(model_cfg)
