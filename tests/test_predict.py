@@ -330,12 +330,12 @@ def test_import_lorafit_stays_cheap():
 
 @pytest.mark.slow
 def test_embedded_minilm_predict_equals_eval_and_exports(minilm_run, tmp_path, capsys):
-    """The real MiniLM at its default precision: predict and eval agree on 2,000 held-out rows; the export matches."""
+    """The real MiniLM at its default precision: predict and eval agree on 600 held-out rows; the export matches."""
     from lorafit.data import builtin_path
     from lorafit.inference.export import export_merged
 
     data = tmp_path / "test.parquet"
-    pd.read_parquet(builtin_path("builtin:ag_news_sample_test")).to_parquet(data)
+    pd.read_parquet(builtin_path("builtin:ag_news_sample_test")).sample(600, random_state=0).to_parquet(data)
     assert predict(minilm_run.folder, data, tmp_path / "pred.csv", "--labels", "ids") == 0
     assert cli(["eval", str(minilm_run.folder), "--data", str(data), "--json", str(tmp_path / "m.json")]) == 0
     truth = pd.read_parquet(data)["label"]
