@@ -335,7 +335,9 @@ def test_embedded_minilm_predict_equals_eval_and_exports(minilm_run, tmp_path, c
     from lorafit.inference.export import export_merged
 
     data = tmp_path / "test.parquet"
-    pd.read_parquet(builtin_path("builtin:ag_news_sample_test")).sample(600, random_state=0).to_parquet(data)
+    pd.read_parquet(builtin_path("builtin:ag_news_sample_test")).sample(600, random_state=0).to_parquet(
+        data, index=False
+    )
     assert predict(minilm_run.folder, data, tmp_path / "pred.csv", "--labels", "ids") == 0
     assert cli(["eval", str(minilm_run.folder), "--data", str(data), "--json", str(tmp_path / "m.json")]) == 0
     truth = pd.read_parquet(data)["label"]
