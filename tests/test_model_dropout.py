@@ -22,11 +22,15 @@ def dropout_rates(model: nn.Module) -> set[float]:
     return {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])
-def test_every_dropout_of_the_model_takes_the_rate(model_type, tmp_path):
+@pytest.mark.parametrize(
+    "model_type, head",
+    [("bert", "default"), ("roberta", "default"), ("distilbert", "default"), ("bert", "mean"), ("roberta", "linear")],
+)
+def test_every_dropout_of_the_model_takes_the_rate(model_type, head, tmp_path):
     folder = make_tiny_model(tmp_path, model_type)
-    assert 0.1 in dropout_rates(built(folder))  # the model's own (DistilBERT's head has 0.2)
-    assert dropout_rates(built(folder, "model.dropout=0.3")) == {0.3}
+    assert 0.1 in dropout_rates(built(folder, f"model.head={head}"))  # the model's own (DistilBERT's head has 0.2)
+    for rate in (0.3, 0.0):
+        assert dropout_rates(built(folder, f"model.head={head}", f"model.dropout={rate}")) == {rate}
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "distilbert"])

@@ -240,11 +240,9 @@ def apply_head(model: nn.Module, head: str) -> nn.Module:
         return model
     mc = model.config
     hidden = getattr(mc, "hidden_size", None) or mc.dim
-    dropout = (
-        getattr(mc, "classifier_dropout", None)
-        or getattr(mc, "hidden_dropout_prob", None)
-        or getattr(mc, "seq_classif_dropout", 0.1)
-    )
+    # The first rate the config sets, as the model's own head reads it (0.0 included: model.dropout=0).
+    rates = (getattr(mc, key, None) for key in ("classifier_dropout", "hidden_dropout_prob", "seq_classif_dropout"))
+    dropout = next((p for p in rates if p is not None), 0.1)
     classifier = getattr(model, "classifier", None)
     if head == "mean":
         box = MaskBox()

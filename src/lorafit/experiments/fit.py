@@ -43,9 +43,8 @@ FINAL = "final"
 # Adapters on the top three encoder layers only (at twice the rank, for about the same budget): the frozen layers
 # below run without gradients, once per training text (train.cache_frozen_layers), so a step costs about half as much
 # and a deadline buys about twice the steps. Under a 10-minute deadline on held-out AG News rows it beat the base
-# config on validation and held-out rows alike (docs/accuracy.md).
-# Without dropout (model and LoRA): under a deadline the layout trains well short of where dropout pays, and the masks
-# cost time (docs/accuracy.md, "Dropout under a deadline").
+# config on validation and held-out rows alike (docs/accuracy.md). It trains without dropout (model and LoRA): under a
+# deadline it trains well short of where dropout pays, and the masks cost time ("Dropout under a deadline" there).
 UPPER_LAYERS = {
     "lora.target_modules": ["query", "key", "value", "dense"],
     "lora.layers_to_transform": [-3, -2, -1],
