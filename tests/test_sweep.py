@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_SWEEP_SETTINGS
 from lorafit import cli
 from lorafit.errors import LorafitError
-from lorafit.experiments.points import expand, parse_grid_arg, point_name, read_points_file
+from lorafit.experiments.points import describe, expand, parse_grid_arg, point_name, read_points_file
 from lorafit.runs import is_complete
 
 TINY = TINY_SWEEP_SETTINGS
@@ -53,6 +53,15 @@ def test_grid_values_are_yaml_items():
         "r=4_target_modules=query+value-"
     )
     assert point_name({"lora.r": 4}) == point_name({"lora.r": 4}) != point_name({"lora.r": 8})
+
+
+def test_descriptions_use_leaf_names_unless_two_keys_share_one():
+    assert describe({"lora.r": 16, "train.lr": 0.002}) == "r=16 lr=0.002"
+    # the fit's layout sets two dropouts: read by leaf name alone they would look like one setting given twice
+    assert describe({"lora.r": 16, "model.dropout": 0.0, "lora.dropout": 0.0}) == (
+        "r=16 model.dropout=0.0 lora.dropout=0.0"
+    )
+    assert describe({}) == "(base config)"
 
 
 def test_sweep_files(tmp_path):

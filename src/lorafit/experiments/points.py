@@ -64,8 +64,11 @@ def apply_point(base: Config, point: dict, origin: str) -> Config:
 
 
 def describe(point: dict) -> str:
-    """'r=4 alpha=8' for messages and tables (leaf names, values as YAML flow)."""
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={flow(v)}" for k, v in point.items()) or "(base config)"
+    """'r=4 alpha=8' for messages and tables (leaf names, values as YAML flow); a leaf name two keys share is given
+    in full ('model.dropout=0 lora.dropout=0'), so no two settings read alike."""
+    leaves = [k.rsplit(".", 1)[-1] for k in point]
+    names = [leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(point, leaves, strict=True)]
+    return " ".join(f"{n}={flow(v)}" for n, v in zip(names, point.values(), strict=True)) or "(base config)"
 
 
 def flow(value: Any) -> str:
