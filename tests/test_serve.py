@@ -6,6 +6,7 @@ The servers are real child processes (`python -m lorafit serve`); every wait on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -156,8 +157,9 @@ def predicted(run: Path, texts: list[str], tmp_path: Path) -> pd.DataFrame:
 def server(minilm_runs, tiny_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     args = [f"{name}={path}" for name, path in minilm_runs.items()] + [f"tiny={tiny_run}"]
-    # --no-merge: each run here is alone on its base (and precision), which by default would be served merged
-    s = Server([*args, "--max-texts", "64", "--no-merge"], log).wait_ready()
+    # --no-merge: each run here is alone on its base (and precision), which by default would be served merged;
+    # --workers 2: two passes at once, as on a CPU by default (Server gives every test server one thread)
+    s = Server([*args, "--max-texts", "64", "--no-merge", "--workers", "2"], log).wait_ready()
     yield s
     assert s.stop() == 0
 
@@ -431,6 +433,7 @@ def test_off_loopback_needs_a_token_or_trust(tiny_run, token_file, capsys):
         (["/no/such/run"], "not a folder"),
         (["x y=/no/such/run"], "not a folder"),
         (["--max-batch", "0", "RUN"], "--max-batch 0"),
+        (["--workers", "0", "RUN"], "--workers 0"),
         (["--token-file", "/no/such/token", "RUN"], "--token-file"),
         (["a=RUN", "a=RUN"], "two runs are named 'a'"),
         (["bad/name=RUN"], "cannot be a URL segment"),
@@ -708,6 +711,61 @@ def test_a_blended_run_answers_as_predict_beside_one_without(tiny_run, tmp_path)
         assert not np.allclose(plain, mixed)  # the blend changed the answer
     finally:
         assert server.stop() == 0
+
+
+def test_two_workers_answer_every_request_with_its_own_run_and_texts():
+    """serve.batching with two workers (the CPU default): 300 concurrent requests over three runs, each answered
+    with logits of its own texts and run, both workers used, every text noted once, and closing drains the queue.
+    The model is replaced by a function of run and text, so what is checked is the queue's bookkeeping."""
+    from types import SimpleNamespace
+
+    from lorafit.serve.batching import Batcher
+
+    passes, noted = [], []
+
+    class FakeModelBatcher(Batcher):
+        def _forward(self, served, texts):
+            time.sleep(0.002)  # a pass takes a while: requests pile up and both workers get some
+            passes.append(threading.current_thread().name)
+            return np.array([[served.index, float(t)] for t in texts])
+
+    runs = [SimpleNamespace(name=f"run{i}", index=i) for i in range(3)]
+    batcher = FakeModelBatcher(4, 0.001, 10_000, workers=2, after_forward=lambda run, n: noted.append(n))
+    batcher.start()
+
+    async def one(i: int):
+        run = runs[i % 3]
+        texts = [str(i), str(i + 0.5)]
+        assert (await batcher.logits(run, texts)).tolist() == [[run.index, i], [run.index, i + 0.5]]
+
+    async def all_requests():
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=60)
+
+    asyncio.run(all_requests())
+    batcher.close(timeout=10)
+    assert set(passes) == {"lorafit-batcher-0", "lorafit-batcher-1"}
+    assert sum(noted) == 600 and batcher.queued == 0
+    assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_workers_split_the_cores_on_a_cpu_and_a_gpu_runs_one_pass_at_a_time(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorafit.serve.app import worker_threads
+
+    def on(device: str) -> dict:
+        return {"a": SimpleNamespace(run=SimpleNamespace(device=torch.device(device)))}
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert worker_threads(None, on("cpu")) == (2, 4)
+    assert worker_threads(4, on("cpu")) == (4, 2)
+    assert worker_threads(1, on("cpu")) == (1, None)  # one worker keeps every thread, as before
+    assert worker_threads(None, on("cuda")) == (1, None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert worker_threads(None, on("cpu")) == (1, None)  # one core: nothing to split
+    assert worker_threads(2, on("cpu")) == (2, 1)  # asked for: at least one thread each
 
 
 def test_benchmark_rewrites_only_its_section(tmp_path):

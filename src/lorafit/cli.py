@@ -610,6 +610,11 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--precision", choices=PRECISIONS, help="override the runs' precision")
     p.add_argument("--threads", type=int, help="compute threads (default: every core)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="forward passes run at once, each on its share of the compute threads (default: 2 on a CPU, 1 on a GPU)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(
         "--merge",
@@ -632,7 +637,7 @@ def cmd_serve(a) -> int:
     from .serve.limits import Limits
     from .serve.server import serve
 
-    for flag in ("port", "max_batch", "max_queue", "max_texts", "max_body_bytes", "threads"):
+    for flag in ("port", "max_batch", "max_queue", "max_texts", "max_body_bytes", "threads", "workers"):
         value = getattr(a, flag)
         if value is not None and (value < 0 or (value == 0 and flag != "port")):
             raise LorafitError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
@@ -640,7 +645,14 @@ def cmd_serve(a) -> int:
         if getattr(a, flag) < 0:
             raise LorafitError(f"--{flag.replace('_', '-')} {getattr(a, flag)}: expected zero or more")
     limits = Limits(
-        a.max_texts, a.max_body_bytes, a.max_batch, a.max_wait_ms, a.max_queue, a.drain_seconds, a.merge_budget_mb
+        a.max_texts,
+        a.max_body_bytes,
+        a.max_batch,
+        a.max_wait_ms,
+        a.max_queue,
+        a.drain_seconds,
+        a.merge_budget_mb,
+        a.workers,
     )
     serve(
         a.runs,

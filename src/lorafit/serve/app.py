@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -207,16 +208,30 @@ class Guard:
 # The app
 
 
+def worker_threads(workers: int | None, served: dict[str, ServedRun]) -> tuple[int, int | None]:
+    """How many forward passes run at once, and torch's compute threads in each (None: leave them be). A GPU
+    runs one pass at a time; a CPU by default two, each on half the cores (serve.batching says why)."""
+    on_gpu = any(r.run.device.type != "cpu" for r in served.values())
+    if workers is None:
+        workers = 1 if on_gpu else min(2, torch.get_num_threads())
+    if on_gpu or workers == 1:
+        return workers, None
+    return workers, max(1, torch.get_num_threads() // workers)
+
+
 def create_app(
     served: dict[str, ServedRun], limits: Limits, token: str | None = None, merged: MergedCopies | None = None
 ) -> FastAPI:
     metrics = ServerMetrics(list(served))
+    workers, threads_per_worker = worker_threads(limits.workers, served)
     batcher = Batcher(
         limits.max_batch,
         limits.max_wait_ms / 1000,
         limits.max_queue,
-        metrics.observe_batch,
-        merged.note if merged is not None else lambda run, texts: None,
+        workers,
+        threads_per_worker,
+        on_batch=metrics.observe_batch,
+        after_forward=merged.note if merged is not None else lambda run, texts: None,
     )
     metrics.queue_depth.set_function(lambda: batcher.queued)
     metrics.merged_runs.set_function(lambda: sum(r.run.merged for r in served.values()))

@@ -54,7 +54,7 @@ class MergedCopies:
             return sum(self._sizes[name] for name in self._copies)
 
     def note(self, served: ServedRun, texts: int) -> None:
-        """After each forward pass (on the batcher's worker thread): count the run's traffic, drop copies that
+        """After each forward pass (on a batcher's worker thread): count the run's traffic, drop copies that
         have idled, and queue the run for a copy once it is busy."""
         now = time.monotonic()
         self._last_used[served.name] = now
@@ -62,13 +62,13 @@ class MergedCopies:
         # only a run served unmerged on a base it shares gains from a copy
         if not served.loaded.shares_base or served.loaded.merged or served.merged_copy is not None:
             return
-        recent = self._recent.setdefault(served.name, deque())
-        recent.append((now, texts))
-        while recent and recent[0][0] < now - self.window:
-            recent.popleft()
-        if sum(n for _, n in recent) < self.hot_texts:
-            return
-        with self._lock:
+        with self._lock:  # two workers may note passes of one run at once
+            recent = self._recent.setdefault(served.name, deque())
+            recent.append((now, texts))
+            while recent and recent[0][0] < now - self.window:
+                recent.popleft()
+            if sum(n for _, n in recent) < self.hot_texts:
+                return
             if served.name in self._copies or served.name in self._waiting:
                 return
             self._waiting[served.name] = served
