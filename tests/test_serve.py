@@ -714,23 +714,35 @@ def test_a_blended_run_answers_as_predict_beside_one_without(tiny_run, tmp_path)
 
 
 def test_two_workers_answer_every_request_with_its_own_run_and_texts():
-    """serve.batching with two workers (the CPU default): 300 concurrent requests over three runs, each answered
-    with logits of its own texts and run, both workers used, every text noted once, and closing drains the queue.
+    """serve.batching with two workers sharing two threads (the default on a 2-core CPU): 300 concurrent requests
+    over three runs, each answered with logits of its own texts and run, both workers used, never more threads at
+    work than there are, every text noted once, closing drains the queue; a lone request gets both threads, and a
+    pass that fails fails its requests only.
     The model is replaced by a function of run and text, so what is checked is the queue's bookkeeping."""
     from types import SimpleNamespace
 
+    import torch
+
     from lorafit.serve.batching import Batcher
 
-    passes, noted = [], []
+    passes, noted, busy, lock = [], [], [0], threading.Lock()
 
     class FakeModelBatcher(Batcher):
         def _forward(self, served, texts):
+            if served.name == "broken":
+                raise RuntimeError("a bug in a pass")
+            threads = torch.get_num_threads()
+            with lock:
+                busy[0] += threads
+                assert busy[0] <= 2, f"{busy[0]} threads at work"
             time.sleep(0.002)  # a pass takes a while: requests pile up and both workers get some
-            passes.append(threading.current_thread().name)
+            with lock:
+                busy[0] -= threads
+            passes.append((threading.current_thread().name, threads))
             return np.array([[served.index, float(t)] for t in texts])
 
     runs = [SimpleNamespace(name=f"run{i}", index=i) for i in range(3)]
-    batcher = FakeModelBatcher(4, 0.001, 10_000, workers=2, after_forward=lambda run, n: noted.append(n))
+    batcher = FakeModelBatcher(4, 0.001, 10_000, workers=2, threads=2, after_forward=lambda run, n: noted.append(n))
     batcher.start()
 
     async def one(i: int):
@@ -738,17 +750,28 @@ def test_two_workers_answer_every_request_with_its_own_run_and_texts():
         texts = [str(i), str(i + 0.5)]
         assert (await batcher.logits(run, texts)).tolist() == [[run.index, i], [run.index, i + 0.5]]
 
-    async def all_requests():
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), timeout=60)
+    async def requests(n: int):
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout=60)
 
-    asyncio.run(all_requests())
-    batcher.close(timeout=10)
-    assert set(passes) == {"lorafit-batcher-0", "lorafit-batcher-1"}
-    assert sum(noted) == 600 and batcher.queued == 0
-    assert not any(t.is_alive() for t in batcher._threads)
+    threads = torch.get_num_threads()
+    try:
+        asyncio.run(requests(300))
+        assert {name for name, _ in passes} == {"lorafit-batcher-0", "lorafit-batcher-1"}
+        assert 1 in {t for _, t in passes}  # passes side by side, on a thread each
+        passes.clear()
+        asyncio.run(requests(1))
+        assert passes[0][1] == 2  # alone: every thread
+        with pytest.raises(RuntimeError, match="a bug in a pass"):  # the request gets the error (a 500) ...
+            asyncio.run(batcher.logits(SimpleNamespace(name="broken"), ["x"]))
+        asyncio.run(requests(2))  # ... and the workers serve on
+        batcher.close(timeout=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(noted) == 606 and batcher.queued == 0
+    assert not any(t.is_alive() for t in batcher._workers)
 
 
-def test_workers_split_the_cores_on_a_cpu_and_a_gpu_runs_one_pass_at_a_time(monkeypatch):
+def test_workers_share_the_cores_on_a_cpu_and_a_gpu_runs_one_pass_at_a_time(monkeypatch):
     from types import SimpleNamespace
 
     import torch
@@ -759,13 +782,13 @@ def test_workers_split_the_cores_on_a_cpu_and_a_gpu_runs_one_pass_at_a_time(monk
         return {"a": SimpleNamespace(run=SimpleNamespace(device=torch.device(device)))}
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    assert worker_threads(None, on("cpu")) == (2, 4)
-    assert worker_threads(4, on("cpu")) == (4, 2)
+    assert worker_threads(None, on("cpu")) == (2, 8)
+    assert worker_threads(4, on("cpu")) == (4, 8)
     assert worker_threads(1, on("cpu")) == (1, None)  # one worker keeps every thread, as before
     assert worker_threads(None, on("cuda")) == (1, None)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert worker_threads(None, on("cpu")) == (1, None)  # one core: nothing to split
-    assert worker_threads(2, on("cpu")) == (2, 1)  # asked for: at least one thread each
+    assert worker_threads(2, on("cpu")) == (2, 1)  # asked for (the batcher gives each pass at least one thread)
 
 
 def test_benchmark_rewrites_only_its_section(tmp_path):

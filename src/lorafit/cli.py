@@ -613,7 +613,7 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--workers",
         type=int,
-        help="forward passes run at once, each on its share of the compute threads (default: 2 on a CPU, 1 on a GPU)",
+        help="forward passes that may run at once, sharing the compute threads (default: 2 on a CPU, 1 on a GPU)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument(

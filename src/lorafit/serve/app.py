@@ -209,27 +209,27 @@ class Guard:
 
 
 def worker_threads(workers: int | None, served: dict[str, ServedRun]) -> tuple[int, int | None]:
-    """How many forward passes run at once, and torch's compute threads in each (None: leave them be). A GPU
-    runs one pass at a time; a CPU by default two, each on half the cores (serve.batching says why)."""
+    """How many forward passes may run at once, and the compute threads they share (None: one pass at a time,
+    torch's setting as it is). A GPU runs one pass at a time; a CPU by default two (serve.batching says why)."""
     on_gpu = any(r.run.device.type != "cpu" for r in served.values())
     if workers is None:
         workers = 1 if on_gpu else min(2, torch.get_num_threads())
     if on_gpu or workers == 1:
         return workers, None
-    return workers, max(1, torch.get_num_threads() // workers)
+    return workers, torch.get_num_threads()
 
 
 def create_app(
     served: dict[str, ServedRun], limits: Limits, token: str | None = None, merged: MergedCopies | None = None
 ) -> FastAPI:
     metrics = ServerMetrics(list(served))
-    workers, threads_per_worker = worker_threads(limits.workers, served)
+    workers, threads = worker_threads(limits.workers, served)
     batcher = Batcher(
         limits.max_batch,
         limits.max_wait_ms / 1000,
         limits.max_queue,
         workers,
-        threads_per_worker,
+        threads,
         on_batch=metrics.observe_batch,
         after_forward=merged.note if merged is not None else lambda run, texts: None,
     )

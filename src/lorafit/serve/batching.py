@@ -10,12 +10,14 @@ attention, which still pads per text, is what sorting saves on. Runs are batched
 and head are its own modules, so a forward pass serves one run).
 
 The model runs on the worker threads and never on the event loop, which only parses and answers HTTP. On a CPU
-two workers run two passes at once, each on half the cores (`--workers`): a pass split over every core waits at
-each op for its slowest thread, and on a small machine the event loop's HTTP work takes a core from one of them
-part of the time; two passes on a core each lose only that time (docs/serving.md). Forward passes hold no state
-between calls (inference mode and autocast are per thread), so workers share the runs' models; tokenizers are
-not safe to call from two threads at once (a fast tokenizer's settings change under a Rust borrow), so
-tokenising takes a lock.
+two workers share the cores (`--workers`): a pass that starts while other requests wait runs on its share of them,
+and one that starts with nothing else waiting runs on every core free. A pass split over every core waits at each
+op for its slowest thread, and on a small machine the event loop's HTTP work takes a core from one of them part of
+the time; under load, two passes on a core each lose only that time, while a lone request still gets every core
+(docs/serving.md). A pass never runs on more threads than are free, so the cores are never oversubscribed.
+Forward passes hold no state between calls (inference mode and autocast are per thread), so workers share the
+runs' models; tokenizers are not safe to call from two threads at once (a fast tokenizer's settings change under a
+Rust borrow), so tokenising takes a lock.
 """
 
 from __future__ import annotations
@@ -65,21 +67,26 @@ class Batcher:
         max_wait: float,
         max_queue: int,
         workers: int = 1,
-        threads_per_worker: int | None = None,
+        threads: int | None = None,
         on_batch: Callable[[str, int], None] = lambda run, size: None,
         after_forward: Callable[[ServedRun, int], None] = lambda run, texts: None,
     ):
         self.max_batch, self.max_wait, self.max_queue = max_batch, max_wait, max_queue
-        self.threads_per_worker = threads_per_worker  # torch's compute threads in each worker; None: as they are
+        # torch's compute threads the workers share (at least one each); None: one worker, torch's setting as it is
+        self._compute_threads = threads
+        self._free_threads = None if threads is None else max(threads, workers)
+        self._share = None if threads is None else max(1, threads // workers)
         self.on_batch = on_batch  # (run name, texts in one forward pass), for the batch-size histogram
         self.after_forward = after_forward  # (run, texts it just classified), for merged copies of busy runs
         self._jobs: deque[_Job] = deque()
-        self._queued = 0  # texts waiting, not yet taken by the worker
+        self._queued = 0  # texts waiting, not yet taken by a worker
         self._closing = False
         self._untrimmed, self._trimmed = False, time.monotonic()  # freed heap memory not yet handed back; when it was
+        self._in_flight = 0  # passes being computed: an idle worker trims only when none is, since a trim hands back
+        # memory that a pass in flight would fault straight back in, and holds the heap's lock while it does
         self._cond = threading.Condition()
         self._tokenizing = threading.Lock()
-        self._threads = [
+        self._workers = [
             threading.Thread(target=self._work, name=f"lorafit-batcher-{i}", daemon=True) for i in range(workers)
         ]
 
@@ -88,7 +95,7 @@ class Batcher:
         return self._queued
 
     def start(self) -> None:
-        for thread in self._threads:
+        for thread in self._workers:
             thread.start()
 
     def close(self, timeout: float) -> None:
@@ -97,7 +104,7 @@ class Batcher:
             self._closing = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     async def logits(self, run: ServedRun, texts: list[str]) -> np.ndarray:
@@ -126,9 +133,9 @@ class Batcher:
         with self._cond:
             while True:
                 while not self._jobs and not self._closing:
-                    if self._untrimmed:
+                    if self._untrimmed and not self._in_flight:
                         self._cond.wait(IDLE_TRIM_SECONDS)
-                        if not self._jobs and not self._closing:
+                        if not self._jobs and not self._closing and not self._in_flight:
                             self._trim()
                         continue
                     self._cond.wait()
@@ -153,6 +160,7 @@ class Batcher:
                     kept.append(job)
             self._jobs = kept
             self._queued -= size
+            self._in_flight += 1
             if kept:
                 self._cond.notify()  # another run's requests wait: an idle worker takes them
             return taken
@@ -165,25 +173,48 @@ class Batcher:
         self._untrimmed, self._trimmed = False, time.monotonic()
 
     def _work(self) -> None:
-        if self.threads_per_worker:
-            torch.set_num_threads(self.threads_per_worker)  # this thread's own setting (OpenMP's is per thread)
         while jobs := self._take():
             served = jobs[0].run
             texts = [t for job in jobs for t in job.texts]
+            threads = self._reserve_threads()
             try:
                 logits = self._forward(served, texts)
             except Exception as e:  # a bug, not a bad request: those requests get a 500, the server lives on
-                for job in jobs:
-                    job.settle(e)
-                continue
+                logits = e
+            finally:
+                self._release_threads(threads)
             start = 0
             for job in jobs:
-                job.settle(logits[start : start + len(job.texts)])
+                job.settle(logits if isinstance(logits, Exception) else logits[start : start + len(job.texts)])
                 start += len(job.texts)
-            self.after_forward(served, len(texts))
-            self._untrimmed = True
+            if not isinstance(logits, Exception):
+                self.after_forward(served, len(texts))
+            with self._cond:
+                self._in_flight -= 1
+                self._untrimmed = True
+                self._cond.notify_all()  # an idle worker may trim now
             if time.monotonic() - self._trimmed > TRIM_SECONDS:
                 self._trim()
+
+    def _reserve_threads(self) -> int:
+        """Compute threads for this worker's next pass, set for its thread (OpenMP's setting is per thread): its
+        share while other requests wait, every free thread when none does; waits while fewer than its share are
+        free. 0 where the workers leave torch's setting alone."""
+        if self._free_threads is None:
+            return 0
+        with self._cond:
+            while self._free_threads < self._share:
+                self._cond.wait()
+            threads = self._share if self._jobs else min(self._free_threads, self._compute_threads)
+            self._free_threads -= threads
+        torch.set_num_threads(threads)
+        return threads
+
+    def _release_threads(self, threads: int) -> None:
+        if threads:
+            with self._cond:
+                self._free_threads += threads
+                self._cond.notify_all()
 
     def _forward(self, served: ServedRun, texts: list[str]) -> np.ndarray:
         run = served.run  # read once: a merged copy may take over between passes

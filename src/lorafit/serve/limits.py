@@ -15,4 +15,4 @@ class Limits:
     max_queue: int = 4096  # texts waiting; beyond it requests get 503 + Retry-After
     drain_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take
     merge_budget_mb: float = 128.0  # memory for merged copies of busy runs on a shared base (serve.merging)
-    workers: int | None = None  # forward passes at once, each on its share of the cores; None: 2 on a CPU, 1 on a GPU
+    workers: int | None = None  # forward passes that may run at once, sharing the cores; None: 2 on a CPU, 1 on a GPU
