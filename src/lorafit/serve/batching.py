@@ -76,6 +76,7 @@ class Batcher:
         self._compute_threads = threads
         self._free_threads = None if threads is None else max(threads, workers)
         self._share = None if threads is None else max(1, threads // workers)
+        self._setting = threading.local()  # each worker's current torch thread count
         self.on_batch = on_batch  # (run name, texts in one forward pass), for the batch-size histogram
         self.after_forward = after_forward  # (run, texts it just classified), for merged copies of busy runs
         self._jobs: deque[_Job] = deque()
@@ -207,7 +208,10 @@ class Batcher:
                 self._cond.wait()
             threads = self._share if self._jobs else min(self._free_threads, self._compute_threads)
             self._free_threads -= threads
-        torch.set_num_threads(threads)
+        # only on a change: besides the thread count, torch.set_num_threads empties oneDNN's cache of primitives
+        if getattr(self._setting, "threads", None) != threads:
+            torch.set_num_threads(threads)
+            self._setting.threads = threads
         return threads
 
     def _release_threads(self, threads: int) -> None:
