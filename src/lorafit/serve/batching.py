@@ -83,12 +83,14 @@ class Batcher:
         self._queued = 0  # texts waiting, not yet taken by a worker
         self._closing = False
         self._untrimmed, self._trimmed = False, time.monotonic()  # freed heap memory not yet handed back; when it was
+        self._idle: set[int] = set()  # the workers waiting for jobs, by number
         self._in_flight = 0  # passes being computed: an idle worker trims only when none is, since a trim hands back
         # memory that a pass in flight would fault straight back in, and holds the heap's lock while it does
         self._cond = threading.Condition()
         self._tokenizing = threading.Lock()
         self._workers = [
-            threading.Thread(target=self._work, name=f"lorafit-batcher-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._work, args=(i,), name=f"lorafit-batcher-{i}", daemon=True)
+            for i in range(workers)
         ]
 
     @property
@@ -127,30 +129,24 @@ class Batcher:
             self._cond.notify_all()
         return await future
 
-    def _take(self) -> list[_Job]:
+    def _take(self, worker: int) -> list[_Job]:
         """The next jobs: the oldest job's run, with its other queued jobs up to TAKE_BATCHES * max_batch texts (at
-        least one job, however many texts it has). Empty once closing and drained."""
+        least one job, however many texts it has). Empty once closing and drained.
+
+        The lowest-numbered free worker takes them: requests that come one at a time all go to one worker, as they
+        would with one. Alternating between workers, each pass started on threads the other had just used (their
+        OpenMP team still spinning, its caches cold), which made lone requests slower than with one worker."""
         most = TAKE_BATCHES * self.max_batch
         with self._cond:
-            while True:
-                while not self._jobs and not self._closing:
-                    if self._untrimmed and not self._in_flight:
-                        self._cond.wait(IDLE_TRIM_SECONDS)
-                        if not self._jobs and not self._closing and not self._in_flight:
-                            self._trim()
-                        continue
-                    self._cond.wait()
-                if not self._jobs:
-                    return []
-                first = self._jobs[0]
-                deadline = first.arrived + self.max_wait
-                while not self._closing and self._jobs and self._jobs[0] is first:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or self._queued_for(first.run) >= most:
-                        break
-                    self._cond.wait(left)
-                if self._jobs and self._jobs[0] is first:
-                    break  # else another worker took it meanwhile: start again from the oldest job left
+            self._idle.add(worker)
+            if len(self._workers) > 1:
+                self._cond.notify_all()  # a higher-numbered worker about to take a job leaves it to this one
+            try:
+                first = self._wait_for_jobs(worker, most)
+            finally:
+                self._idle.discard(worker)
+            if first is None:
+                return []
             run = first.run
             taken, size, kept = [], 0, deque()
             for job in self._jobs:
@@ -166,6 +162,36 @@ class Batcher:
                 self._cond.notify()  # another run's requests wait: an idle worker takes them
             return taken
 
+    def _wait_for_jobs(self, worker: int, most: int) -> _Job | None:
+        """(Holding the lock) the oldest job, once this worker is the lowest-numbered free one and the job has waited
+        `max_wait` or `most` texts of its run are queued; None once closing and drained."""
+        while True:
+            while not self._jobs and not self._closing:
+                if self._untrimmed and not self._in_flight:
+                    self._cond.wait(IDLE_TRIM_SECONDS)
+                    if not self._jobs and not self._closing and not self._in_flight:
+                        self._trim()
+                    continue
+                self._cond.wait()
+            if not self._jobs:
+                return None
+            if self._lower_free(worker):
+                self._cond.wait()  # it takes the job
+                continue
+            first = self._jobs[0]
+            deadline = first.arrived + self.max_wait
+            while not self._closing and self._jobs and self._jobs[0] is first and not self._lower_free(worker):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._queued_for(first.run) >= most:
+                    break
+                self._cond.wait(left)
+            if self._jobs and self._jobs[0] is first and not self._lower_free(worker):
+                return first
+            # else another worker took it meanwhile: start again from the oldest job left
+
+    def _lower_free(self, worker: int) -> bool:
+        return any(other < worker for other in self._idle)
+
     def _queued_for(self, run: ServedRun) -> int:
         return sum(len(j.texts) for j in self._jobs if j.run is run)
 
@@ -173,8 +199,8 @@ class Batcher:
         release_free_memory()
         self._untrimmed, self._trimmed = False, time.monotonic()
 
-    def _work(self) -> None:
-        while jobs := self._take():
+    def _work(self, worker: int) -> None:
+        while jobs := self._take(worker):
             served = jobs[0].run
             texts = [t for job in jobs for t in job.texts]
             threads = self._reserve_threads()
