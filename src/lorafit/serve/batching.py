@@ -134,8 +134,8 @@ class Batcher:
         least one job, however many texts it has). Empty once closing and drained.
 
         The lowest-numbered free worker takes them: requests that come one at a time all go to one worker, as they
-        would with one. Alternating between workers, each pass started on threads the other had just used (their
-        OpenMP team still spinning, its caches cold), which made lone requests slower than with one worker."""
+        would with one. With the workers taking turns, lone requests ran slower than with one worker (measured in
+        docs/serving.md; likely each pass starting beside the other worker's still-spinning OpenMP threads)."""
         most = TAKE_BATCHES * self.max_batch
         with self._cond:
             self._idle.add(worker)
