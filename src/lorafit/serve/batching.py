@@ -11,7 +11,7 @@ and head are its own modules, so a forward pass serves one run).
 
 The model runs on the worker threads and never on the event loop, which only parses and answers HTTP. On a CPU
 two workers share the cores (`--workers`): a pass that starts while other requests wait runs on its share of them,
-and one that starts with nothing else waiting runs on every core free. A pass split over every core waits at each
+and one that starts with nothing else waiting runs on every free core. A pass split over every core waits at each
 op for its slowest thread, and on a small machine the event loop's HTTP work takes a core from one of them part of
 the time; under load, two passes on a core each lose only that time, while a lone request still gets every core
 (docs/serving.md). A pass never runs on more threads than are free, so the cores are never oversubscribed.
