@@ -115,7 +115,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
-        def settle(result) -> None:  # on the worker thread
+        def settle(result) -> None:  # on a worker thread
             loop.call_soon_threadsafe(_set, future, result)
 
         with self._cond:
