@@ -76,7 +76,6 @@ class Batcher:
         self._compute_threads = threads
         self._free_threads = None if threads is None else max(threads, workers)
         self._share = None if threads is None else max(1, threads // workers)
-        self._setting = threading.local()  # each worker's current torch thread count
         self.on_batch = on_batch  # (run name, texts in one forward pass), for the batch-size histogram
         self.after_forward = after_forward  # (run, texts it just classified), for merged copies of busy runs
         self._jobs: deque[_Job] = deque()
@@ -200,21 +199,29 @@ class Batcher:
         self._untrimmed, self._trimmed = False, time.monotonic()
 
     def _work(self, worker: int) -> None:
+        threads_set = None  # torch's thread count as this worker last set it
         while jobs := self._take(worker):
             served = jobs[0].run
             texts = [t for job in jobs for t in job.texts]
             threads = self._reserve_threads()
+            # only on a change: besides the thread count, torch.set_num_threads empties oneDNN's cache of primitives
+            if threads and threads != threads_set:
+                torch.set_num_threads(threads)  # this thread's own setting: OpenMP's is per thread
+                threads_set = threads
             try:
                 logits = self._forward(served, texts)
             except Exception as e:  # a bug, not a bad request: those requests get a 500, the server lives on
                 logits = e
             finally:
                 self._release_threads(threads)
-            start = 0
-            for job in jobs:
-                job.settle(logits if isinstance(logits, Exception) else logits[start : start + len(job.texts)])
-                start += len(job.texts)
-            if not isinstance(logits, Exception):
+            if isinstance(logits, Exception):
+                for job in jobs:
+                    job.settle(logits)
+            else:
+                start = 0
+                for job in jobs:
+                    job.settle(logits[start : start + len(job.texts)])
+                    start += len(job.texts)
                 self.after_forward(served, len(texts))
             with self._cond:
                 self._in_flight -= 1
@@ -224,9 +231,8 @@ class Batcher:
                 self._trim()
 
     def _reserve_threads(self) -> int:
-        """Compute threads for this worker's next pass, set for its thread (OpenMP's setting is per thread): its
-        share while other requests wait, every free thread when none does; waits while fewer than its share are
-        free. 0 where the workers leave torch's setting alone."""
+        """Compute threads for this worker's next pass: its share while other requests wait, every free thread when
+        none does; waits while fewer than its share are free. 0 where the workers leave torch's setting alone."""
         if self._free_threads is None:
             return 0
         with self._cond:
@@ -234,10 +240,6 @@ class Batcher:
                 self._cond.wait()
             threads = self._share if self._jobs else min(self._free_threads, self._compute_threads)
             self._free_threads -= threads
-        # only on a change: besides the thread count, torch.set_num_threads empties oneDNN's cache of primitives
-        if getattr(self._setting, "threads", None) != threads:
-            torch.set_num_threads(threads)
-            self._setting.threads = threads
         return threads
 
     def _release_threads(self, threads: int) -> None:
