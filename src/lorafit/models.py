@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 import warnings
 from functools import lru_cache
 from importlib import resources
@@ -163,11 +164,12 @@ class FirstTokenHead(nn.Module):
         return self.out_proj(self.dropout(features[:, 0]))
 
 
-class MaskBox:
+class MaskBox(threading.local):
     """Where the encoder's pre-hook leaves the attention mask of the current batch for the mean pooling.
 
-    peft deep-copies a head it trains (modules_to_save); a copied box would never see a mask, so copying
-    returns the box itself."""
+    One per thread: two forward passes at once (batching.predict_logits, lorafit serve's workers) each pool with
+    their own batch's mask. peft deep-copies a head it trains (modules_to_save); a copied box would never see a
+    mask, so copying returns the box itself."""
 
     mask: torch.Tensor | None = None
 

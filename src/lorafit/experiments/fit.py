@@ -343,7 +343,7 @@ def _evaluation_seconds(cfg: Config) -> float:
     the base model's time on a sample of validation rows. On a slow CPU they take minutes, which a fit without
     trials would otherwise spend past its deadline."""
     from ..batching import encode, predict_logits
-    from ..fast.device import pick_device, resolve_precision
+    from ..fast.device import concurrent_passes, pick_device, resolve_precision
     from ..inference.loaded import for_inference
     from ..models import build_model, load_tokenizer
 
@@ -358,7 +358,7 @@ def _evaluation_seconds(cfg: Config) -> float:
     def timed(texts: list[str]) -> float:
         enc = encode(tokenizer, texts, np.zeros(len(texts), dtype=np.int64), cfg.model.max_length)
         start = time.perf_counter()
-        predict_logits(model, enc, batch, tokenizer.pad_token_id, device, dtype)
+        predict_logits(model, enc, batch, tokenizer.pad_token_id, device, dtype, passes=concurrent_passes(device))
         return time.perf_counter() - start
 
     timed(data.val.texts[:batch])  # warm-up: the first pass pays for allocations

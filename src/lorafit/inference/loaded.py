@@ -19,7 +19,7 @@ from ..batching import Encoded, encode, predict_logits
 from ..blend import Blend
 from ..blend import load as load_blend
 from ..config import Config
-from ..fast.device import pick_device, release_free_memory, resolve_precision, store_frozen_in
+from ..fast.device import concurrent_passes, pick_device, release_free_memory, resolve_precision, store_frozen_in
 from ..fast.patches import (
     first_token_last_layer,
     lean_lora,
@@ -58,7 +58,14 @@ class LoadedRun:
         """The adapter's logits for every encoded row, in input order, with the run's own batch size, device and
         precision (without the blend: see classify)."""
         return predict_logits(
-            self.model, enc, self.cfg.eval.batch_size, self.tokenizer.pad_token_id, self.device, self.dtype, progress
+            self.model,
+            enc,
+            self.cfg.eval.batch_size,
+            self.tokenizer.pad_token_id,
+            self.device,
+            self.dtype,
+            progress,
+            concurrent_passes(self.device),
         )
 
     def blended(self, texts: list[str], adapter_logits: np.ndarray) -> np.ndarray:

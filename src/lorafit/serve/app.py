@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LorafitError
+from ..fast.device import concurrent_passes
 from ..inference.predict import softmax
 from .batching import Batcher, QueueFull, ShuttingDown
 from .limits import Limits
@@ -213,7 +214,7 @@ def worker_threads(workers: int | None, served: dict[str, ServedRun]) -> tuple[i
     torch's setting as it is). A GPU runs one pass at a time; a CPU by default two (serve.batching says why)."""
     on_gpu = any(r.run.device.type != "cpu" for r in served.values())
     if workers is None:
-        workers = 1 if on_gpu else min(2, torch.get_num_threads())
+        workers = 1 if on_gpu else concurrent_passes(torch.device("cpu"))
     if on_gpu or workers == 1:
         return workers, None
     return workers, torch.get_num_threads()

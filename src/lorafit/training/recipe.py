@@ -26,7 +26,15 @@ from ..config import Config, save_config
 from ..data import Data, known_num_labels, load_data
 from ..errors import LorafitError
 from ..fast import patches
-from ..fast.device import autocast, pick_device, release_free_memory, resolve_precision, set_threads, store_frozen_in
+from ..fast.device import (
+    autocast,
+    concurrent_passes,
+    pick_device,
+    release_free_memory,
+    resolve_precision,
+    set_threads,
+    store_frozen_in,
+)
 from ..metrics import classification_metrics
 from ..models import build_model, load_tokenizer, wrap
 from ..report.run_report import write_run_report
@@ -180,6 +188,7 @@ def evaluate(s: Setup, enc: Encoded, progress: str | None = None) -> dict:
             s.device,
             s.dtype,
             progress if s.dist.main else None,
+            concurrent_passes(s.device),
         )
 
     started = time.perf_counter()
