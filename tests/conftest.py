@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import locale
 import os
 import subprocess
@@ -74,15 +75,24 @@ def adapted_model(folder: Path, head: str = "default", **lora):
     return model
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models run fastest on one thread, and on a shared machine two busy-waiting threads can be 30x slower."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count set to n within the block, as it was after it."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread, and on a shared machine two busy-waiting threads can be 30x slower."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import adapted_model, make_tiny_model
+from conftest import adapted_model, make_tiny_model, torch_threads
 from lorafit import models
 from lorafit.batching import encode, predict_logits
 from lorafit.fast.device import concurrent_passes
@@ -20,10 +20,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture()
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
