@@ -63,7 +63,7 @@ def concurrent_passes(device: torch.device) -> int:
     """How many inference forward passes to run at once on `device`, each on its share of torch's threads.
 
     A GPU runs one at a time. On a CPU, two passes on one thread each beat one pass split over two: a split pass
-    waits at every operation for the slower of its threads (`scripts/eval-passes` measures it, docs/benchmarks.md)."""
+    waits at every operation for the slower of its threads (`scripts/eval-passes` measures it, docs/performance.md)."""
     return 1 if device.type != "cpu" else min(2, torch.get_num_threads())
 
 
